@@ -1,0 +1,53 @@
+# spyglass: `make demo` runs the instrumented demo natively; `make test` installs what it needs and tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Debian packages the tests and the native demo run (binary:package).
+SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
+	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server
+
+.PHONY: all test lint demo bench docs venv system-deps clean
+
+all: test
+
+$(STAMP): constraints.txt requirements-dev.txt instrumentation/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt -e './instrumentation[flask,gunicorn,celery]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_BINARIES); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		pkgs=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+		echo "installing Debian packages: $$pkgs"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest
+
+demo: $(STAMP) system-deps
+	$(PY) -m demo_app.native
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+docs: $(STAMP)
+	$(PY) -m spyglass.catalog > docs/metrics.md
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

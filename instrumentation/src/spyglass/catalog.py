@@ -1,0 +1,258 @@
+"""The catalog of every metric spyglass exposes: the contract for dashboards, alerts and docs.
+
+Metric objects are built from these entries (see :mod:`spyglass.metrics.instruments`), the
+reference in ``docs/metrics.md`` is rendered from them (``python -m spyglass.catalog``), and the
+tests check that every name a dashboard or rule uses is listed here.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+__all__ = [
+    "CATALOG",
+    "HTTP_DURATION_BUCKETS",
+    "MetricSpec",
+    "by_name",
+    "exposed_sample_names",
+    "openmetrics_family_name",
+    "render_markdown",
+]
+
+# The advisory bucket boundaries of http.server.request.duration (OpenTelemetry semantic conventions).
+HTTP_DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric family as Prometheus sees it."""
+
+    name: str
+    """Family name as exposed (counters end in ``_total``)."""
+    type: str
+    """``counter``, ``gauge``, ``histogram`` or ``info``."""
+    unit: str
+    """Base unit (``seconds``, ``bytes``) or ``1`` for counts."""
+    labels: tuple[str, ...]
+    description: str
+    otel_name: str = ""
+    """The OpenTelemetry semantic-convention name this metric implements, if any."""
+    source: str = "spyglass"
+    """Which part of spyglass emits it."""
+    buckets: tuple[float, ...] = ()
+    multiprocess_mode: str = ""
+    """How values from several worker processes are combined (gauges only)."""
+
+    @property
+    def constructor_name(self) -> str:
+        """The name to give prometheus_client (which appends ``_total`` to counters itself)."""
+        if self.type == "counter" and self.name.endswith("_total"):
+            return self.name[: -len("_total")]
+        if self.type == "info" and self.name.endswith("_info"):
+            return self.name[: -len("_info")]
+        return self.name
+
+
+CATALOG: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        name="http_server_request_duration_seconds",
+        type="histogram",
+        unit="seconds",
+        labels=("http_request_method", "http_route", "http_response_status_code"),
+        description="Duration of HTTP server requests, from the first byte in to the last byte out.",
+        otel_name="http.server.request.duration",
+        source="flask",
+        buckets=HTTP_DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        name="http_server_active_requests",
+        type="gauge",
+        unit="1",
+        labels=("http_request_method",),
+        description="HTTP server requests being handled now, summed over live worker processes.",
+        otel_name="http.server.active_requests",
+        source="flask",
+        multiprocess_mode="livesum",
+    ),
+    MetricSpec(
+        name="otel_sdk_processor_span_processed_total",
+        type="counter",
+        unit="1",
+        labels=("error_type",),
+        description=(
+            "Spans the batching span processor handed to the exporter; with error_type "
+            "(queue_full, already_shutdown) the spans it dropped."
+        ),
+        otel_name="otel.sdk.processor.span.processed",
+        source="traces",
+    ),
+    MetricSpec(
+        name="otel_sdk_exporter_span_exported_total",
+        type="counter",
+        unit="1",
+        labels=("error_type",),
+        description=(
+            "Spans the exporter tried to deliver; with error_type (export_failed, exception type) the "
+            "spans the backend did not accept, which are lost."
+        ),
+        otel_name="otel.sdk.exporter.span.exported",
+        source="traces",
+    ),
+    MetricSpec(
+        name="target_info",
+        type="info",
+        unit="1",
+        labels=("service_name", "service_version", "telemetry_distro_name", "telemetry_distro_version"),
+        description=(
+            "Resource attributes of the service (service.name, service.version and every "
+            "OTEL_RESOURCE_ATTRIBUTES entry) as labels; value 1."
+        ),
+        source="resource",
+    ),
+    MetricSpec(
+        name="spyglass_build_info",
+        type="info",
+        unit="1",
+        labels=("version", "python_version"),
+        description="Version of the spyglass instrumentation and of Python in this service; value 1.",
+        source="resource",
+    ),
+    MetricSpec(
+        name="python_info",
+        type="gauge",
+        unit="1",
+        labels=("implementation", "major", "minor", "patchlevel", "version"),
+        description="Python implementation and version of the serving process; value 1.",
+        source="process",
+    ),
+    MetricSpec(
+        name="process_cpu_seconds_total",
+        type="counter",
+        unit="seconds",
+        labels=(),
+        description="CPU time of the service: the serving process and all its worker processes, living and exited.",
+        source="process",
+    ),
+    MetricSpec(
+        name="process_resident_memory_bytes",
+        type="gauge",
+        unit="bytes",
+        labels=(),
+        description="Resident memory of the serving process and its living worker processes.",
+        source="process",
+    ),
+    MetricSpec(
+        name="process_virtual_memory_bytes",
+        type="gauge",
+        unit="bytes",
+        labels=(),
+        description="Virtual memory of the serving process and its living worker processes.",
+        source="process",
+    ),
+    MetricSpec(
+        name="process_open_fds",
+        type="gauge",
+        unit="1",
+        labels=(),
+        description="Open file descriptors of the serving process and its living worker processes.",
+        source="process",
+    ),
+    MetricSpec(
+        name="process_max_fds",
+        type="gauge",
+        unit="1",
+        labels=(),
+        description="Open file descriptor limit of the serving process.",
+        source="process",
+    ),
+    MetricSpec(
+        name="process_start_time_seconds",
+        type="gauge",
+        unit="seconds",
+        labels=(),
+        description="Start time of the serving process since the Unix epoch.",
+        source="process",
+    ),
+    MetricSpec(
+        name="spyglass_worker_processes",
+        type="gauge",
+        unit="1",
+        labels=(),
+        description="Worker processes living under the serving process (gunicorn workers, pool children).",
+        source="process",
+    ),
+)
+
+_BY_NAME = {spec.name: spec for spec in CATALOG}
+
+
+def by_name(name: str) -> MetricSpec:
+    """Return the catalog entry for a family name; raises ``KeyError`` for an unknown name."""
+    return _BY_NAME[name]
+
+
+def openmetrics_family_name(spec: MetricSpec) -> str:
+    """The family name an OpenMetrics parser reports (without ``_total``, or ``_info`` for info)."""
+    if spec.type == "counter":
+        return spec.name.removesuffix("_total")
+    if spec.type == "info":
+        return spec.name.removesuffix("_info")
+    return spec.name
+
+
+def exposed_sample_names() -> frozenset[str]:
+    """Every sample name a scrape can contain (``_bucket``/``_sum``/``_count`` for histograms)."""
+    names: set[str] = set()
+    for spec in CATALOG:
+        if spec.type == "histogram":
+            names.update(spec.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+        elif spec.type == "counter":
+            names.update((spec.name, spec.name[: -len("_total")] + "_created"))
+        else:
+            names.add(spec.name)
+    return frozenset(names)
+
+
+def render_markdown() -> str:
+    """Render the catalog as the Markdown reference kept in ``docs/metrics.md``."""
+    lines = [
+        "# Metric catalog",
+        "",
+        "<!-- Generated by `python -m spyglass.catalog` from instrumentation/src/spyglass/catalog.py."
+        " Do not edit: a test fails when this file and the catalog differ. -->",
+        "",
+        "Every metric spyglass exposes on its metrics endpoint. Dashboards, alert rules and these docs",
+        "are checked against this list. Label values are bounded: routes are route templates",
+        "(`<unmatched>` when no route matched), methods outside the known set are `_OTHER`.",
+        "",
+        "| Metric | Type | Unit | Labels | OpenTelemetry name | Description |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in CATALOG:
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "none"
+        otel = f"`{spec.otel_name}`" if spec.otel_name else ""
+        lines.append(f"| `{spec.name}` | {spec.type} | {spec.unit} | {labels} | {otel} | {spec.description} |")
+    lines += ["", "## Histogram buckets", ""]
+    for spec in CATALOG:
+        if spec.buckets:
+            bounds = ", ".join(f"{bound:g}" for bound in spec.buckets)
+            lines.append(f"- `{spec.name}`: {bounds} (and `+Inf`)")
+    lines += ["", "## Multi-process aggregation", ""]
+    lines.append(
+        "Under gunicorn (and other pre-forking servers) counters and histograms are summed over all "
+        "worker processes, including workers that have exited, so that counters never go backwards. "
+        "Gauges combine as follows:"
+    )
+    lines.append("")
+    for spec in CATALOG:
+        if spec.multiprocess_mode:
+            lines.append(f"- `{spec.name}`: `{spec.multiprocess_mode}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised by `make docs`
+    sys.stdout.write(render_markdown())

@@ -1,0 +1,1 @@
+"""Integrations with the frameworks spyglass instruments (Flask; Celery and SQLAlchemy later)."""

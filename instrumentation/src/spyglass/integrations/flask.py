@@ -1,0 +1,352 @@
+"""Flask: one SERVER span, one histogram observation and one access-log line per request.
+
+The span follows the stable OpenTelemetry HTTP semantic conventions (name ``{method} {route}``,
+``http.request.method``, ``http.route``, ``url.path``, ``url.scheme``, ``server.address``,
+``client.address``, ``user_agent.original``, ``http.response.status_code``, ``error.type``).
+Label values of metrics never come from raw client input: unmatched paths are ``<unmatched>`` and
+unknown methods ``_OTHER``.
+
+The middleware is written for the hot path: no work is repeated per request that can be done once
+per app, and the trace context is only parsed when the request carries propagation headers.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from time import perf_counter
+from typing import Any
+
+import flask
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from spyglass import runtime
+from spyglass.logs import get_logger
+
+__all__ = ["UNMATCHED_ROUTE", "FlaskInstrumentation", "instrument_flask", "install_auto_instrumentation"]
+
+UNMATCHED_ROUTE = "<unmatched>"
+STATE_KEY = "spyglass.request"
+_ATTRIBUTE_LIMIT = 1024
+_APP_ATTRIBUTE = "_spyglass_instrumentation"
+_instrument_lock = threading.Lock()
+
+StartResponse = Callable[..., Any]
+
+
+class _EnvironGetter:
+    """Reads propagation headers from a WSGI environ."""
+
+    def get(self, carrier: dict, key: str) -> list[str] | None:
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return [value] if value is not None else None
+
+    def keys(self, carrier: dict) -> list[str]:
+        return [key[5:].lower().replace("_", "-") for key in carrier if key.startswith("HTTP_")]
+
+
+_GETTER = _EnvironGetter()
+
+
+class _RequestState:
+    __slots__ = (
+        "context",
+        "done",
+        "exception",
+        "method",
+        "path",
+        "raw_method",
+        "route",
+        "sampled",
+        "span",
+        "span_id",
+        "start",
+        "status",
+        "trace_id",
+    )
+
+    def __init__(self, method: str, raw_method: str, path: str) -> None:
+        self.route: str | None = None
+        self.status: str | None = None
+        self.exception: BaseException | None = None
+        self.start = perf_counter()
+        self.method = method
+        self.raw_method = raw_method
+        self.path = path
+        self.span: trace.Span | None = None
+        self.context: otel_context.Context | None = None
+        self.trace_id = 0
+        self.span_id = 0
+        self.sampled = False
+        self.done = False
+
+
+def _capture_route() -> None:
+    """``before_request`` hook: remember the matched route template for this request."""
+    request = flask.request
+    state = request.environ.get(STATE_KEY)
+    if state is not None:
+        rule = request.url_rule
+        if rule is not None:
+            state.route = rule.rule
+
+
+def _capture_exception(_sender: Any, exception: BaseException, **_extra: Any) -> None:
+    """``got_request_exception`` receiver: keep the unhandled exception for the span."""
+    state = flask.request.environ.get(STATE_KEY)
+    if state is not None:
+        state.exception = exception
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= _ATTRIBUTE_LIMIT else value[:_ATTRIBUTE_LIMIT]
+
+
+def _server_address(environ: dict) -> tuple[str, int | None]:
+    host = environ.get("HTTP_HOST")
+    if host:
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if name and port.isdigit():
+            return _clip(name), int(port)
+        return _clip(host), None
+    port_text = environ.get("SERVER_PORT", "")
+    return environ.get("SERVER_NAME", ""), int(port_text) if port_text.isdigit() else None
+
+
+class _ResponseBody:
+    """Wraps the WSGI response iterable; the request ends when it is exhausted or closed.
+
+    The request's span is made current only while the application produces a chunk, never
+    while the server holds a half-read body, so the context cannot leak into the next request.
+    """
+
+    __slots__ = ("_body", "_iterator", "_owner", "_state")
+
+    def __init__(self, body: Iterable[bytes], owner: FlaskInstrumentation, state: _RequestState) -> None:
+        self._body = body
+        self._iterator: Iterator[bytes] | None = None
+        self._owner = owner
+        self._state = state
+
+    def __iter__(self) -> _ResponseBody:
+        self._iterator = iter(self._body)
+        return self
+
+    def __next__(self) -> bytes:
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = iter(self._body)
+        context = self._state.context
+        token = otel_context.attach(context) if context is not None else None
+        try:
+            return next(iterator)
+        except StopIteration:
+            self._owner._finish(self._state)
+            raise
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._owner._finish(self._state)
+
+
+class FlaskInstrumentation:
+    """WSGI middleware holding everything computed once per Flask app."""
+
+    def __init__(self, app: flask.Flask, wsgi_app: Callable[[dict, StartResponse], Iterable[bytes]]) -> None:
+        telemetry = runtime.init()
+        settings = telemetry.settings
+        self.app = app
+        self._wsgi_app = wsgi_app
+        self._telemetry = telemetry
+        self._tracer = telemetry.tracer
+        self._propagator = telemetry.propagator
+        self._propagation_keys = tuple("HTTP_" + field.upper().replace("-", "_") for field in self._propagator.fields)
+        self._metrics = telemetry.http_metrics
+        self._redactor = telemetry.redactor
+        self._known_methods = settings.known_methods
+        self._traceresponse = settings.traceresponse
+        self._access_log = get_logger("spyglass.access") if settings.access_log else None
+        patterns = settings.excluded_urls
+        self._excluded = re.compile("|".join(f"(?:{p})" for p in patterns)).search if patterns else None
+
+    # -- per request ---------------------------------------------------------------------------
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if self._excluded is not None and self._excluded(path):
+            return self._wsgi_app(environ, start_response)
+        raw_method = environ.get("REQUEST_METHOD", "")
+        method = raw_method if raw_method in self._known_methods else "_OTHER"
+        state = _RequestState(method, raw_method, path)
+        environ[STATE_KEY] = state
+        self._metrics.active(method).inc()
+        token = None
+        if self._tracer is not None:
+            token = self._start_span(environ, state)
+
+        def _start_response(status: str, headers: list, exc_info: Any = None) -> Any:
+            state.status = status
+            if self._traceresponse and state.trace_id:
+                flags = "01" if state.sampled else "00"
+                headers.append(("traceresponse", f"00-{state.trace_id:032x}-{state.span_id:016x}-{flags}"))
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = self._wsgi_app(environ, _start_response)
+        except BaseException as exc:
+            state.exception = exc
+            self._finish(state)
+            raise
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return _ResponseBody(body, self, state)
+
+    def _start_span(self, environ: dict, state: _RequestState) -> object:
+        parent = None
+        for key in self._propagation_keys:
+            if key in environ:
+                parent = self._propagator.extract(environ, getter=_GETTER)
+                break
+        method = state.method
+        scheme = environ.get("wsgi.url_scheme", "http")
+        address, port = _server_address(environ)
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": _clip(state.path),
+            "url.scheme": scheme,
+            "server.address": address,
+        }
+        if port is not None:
+            attributes["server.port"] = port
+        if method == "_OTHER":
+            attributes["http.request.method_original"] = _clip(state.raw_method)
+        client = environ.get("REMOTE_ADDR")
+        if client:
+            attributes["client.address"] = client
+        agent = environ.get("HTTP_USER_AGENT")
+        if agent:
+            attributes["user_agent.original"] = _clip(agent)
+        query = environ.get("QUERY_STRING")
+        if query:
+            attributes["url.query"] = _clip(self._redactor.redact_query(query))
+        protocol = environ.get("SERVER_PROTOCOL", "")
+        if protocol.startswith("HTTP/"):
+            attributes["network.protocol.version"] = protocol[5:]
+        span = self._tracer.start_span(  # type: ignore[union-attr]
+            "HTTP" if method == "_OTHER" else method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
+        span_context = span.get_span_context()
+        state.span = span
+        state.trace_id = span_context.trace_id
+        state.span_id = span_context.span_id
+        state.sampled = span_context.trace_flags.sampled
+        state.context = trace.set_span_in_context(span, parent)
+        return otel_context.attach(state.context)
+
+    def _finish(self, state: _RequestState) -> None:
+        if state.done:
+            return
+        state.done = True
+        duration = perf_counter() - state.start
+        status = state.status[:3] if state.status else "500"
+        route = state.route or UNMATCHED_ROUTE
+        method = state.method
+        span = state.span
+        if span is not None:
+            if span.is_recording():
+                self._end_span_attributes(span, state, status)
+            span.end()
+        self._metrics.observe(method, route, status, duration, state.trace_id if state.sampled else 0, state.span_id)
+        self._metrics.active(method).dec()
+        if self._access_log is not None:
+            fields: dict[str, Any] = {
+                "http.request.method": method,
+                "http.route": route,
+                "url.path": state.path,
+                "http.response.status_code": int(status),
+                "http.server.request.duration": round(duration, 6),
+            }
+            if state.trace_id:
+                fields["trace_id"] = f"{state.trace_id:032x}"
+                fields["span_id"] = f"{state.span_id:016x}"
+            level = "error" if status[0] == "5" else "info"
+            getattr(self._access_log, level)("request", **fields)
+
+    @staticmethod
+    def _end_span_attributes(span: trace.Span, state: _RequestState, status: str) -> None:
+        attributes: dict[str, Any] = {"http.response.status_code": int(status)}
+        if state.route is not None:
+            attributes["http.route"] = state.route
+            name_method = "HTTP" if state.method == "_OTHER" else state.method
+            span.update_name(f"{name_method} {state.route}")
+        exception = state.exception
+        if exception is not None:
+            span.record_exception(exception)
+            kind = type(exception)
+            attributes["error.type"] = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+        elif status[0] == "5":
+            attributes["error.type"] = status
+        span.set_attributes(attributes)
+        if status[0] == "5" or exception is not None:
+            span.set_status(Status(StatusCode.ERROR))
+
+
+def instrument_flask(app: flask.Flask) -> flask.Flask:
+    """Instrument one Flask app (idempotent); returns the app.
+
+    Initialises spyglass from the environment first if :func:`spyglass.init` has not run.
+    """
+    with _instrument_lock:
+        if getattr(app, _APP_ATTRIBUTE, None) is not None:
+            return app
+        instrumentation = FlaskInstrumentation(app, app.wsgi_app)
+        app.before_request_funcs.setdefault(None, []).insert(0, _capture_route)
+        flask.got_request_exception.connect(_capture_exception, app, weak=False)
+        _remove_flask_default_handler(app)
+        app.wsgi_app = instrumentation  # type: ignore[method-assign]
+        setattr(app, _APP_ATTRIBUTE, instrumentation)
+        return app
+
+
+def _remove_flask_default_handler(app: flask.Flask) -> None:
+    # Flask adds its own stderr handler to app.logger if it was touched before logging was set
+    # up; records then go through spyglass's root handler only.
+    from flask.logging import default_handler
+
+    app.logger.removeHandler(default_handler)
+
+
+_original_call: Callable[..., Any] | None = None
+
+
+def install_auto_instrumentation() -> None:
+    """Instrument every Flask app of the process, created before or after this call.
+
+    Flask apps are WSGI callables: the first time an app is called, it instruments itself.
+    """
+    global _original_call
+    if _original_call is not None:
+        return
+    original = flask.Flask.__call__
+    _original_call = original
+
+    def __call__(self: flask.Flask, environ: dict, start_response: StartResponse) -> Any:
+        if getattr(self, _APP_ATTRIBUTE, None) is None:
+            instrument_flask(self)
+        return original(self, environ, start_response)
+
+    __call__.__wrapped__ = original  # type: ignore[attr-defined]
+    flask.Flask.__call__ = __call__  # type: ignore[method-assign]

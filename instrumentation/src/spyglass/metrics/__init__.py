@@ -1,0 +1,1 @@
+"""Metric storage, instruments, collectors and the exposition endpoint."""

@@ -1,0 +1,144 @@
+"""prometheus_client metric objects built from the catalog, with cheap recording helpers.
+
+The helpers cache labelled children so that the hot path of a request is a dict look-up and one
+observation, and record exemplars natively in a single process or through
+:class:`~spyglass.metrics.exemplars.ExemplarFile` in multi-process mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from spyglass.catalog import MetricSpec, by_name
+from spyglass.metrics.exemplars import ExemplarFile
+
+__all__ = ["HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
+
+
+def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counter | Gauge | Histogram:
+    """Create the prometheus_client object for a catalog entry."""
+    common = {"labelnames": spec.labels, "registry": registry}
+    if spec.type == "counter":
+        return Counter(spec.constructor_name, spec.description, **common)
+    if spec.type == "histogram":
+        return Histogram(spec.constructor_name, spec.description, buckets=spec.buckets, **common)
+    if spec.type == "gauge":
+        return Gauge(spec.constructor_name, spec.description, multiprocess_mode=spec.multiprocess_mode or "all", **common)
+    raise ValueError(f"{spec.name}: {spec.type} metrics are produced by collectors, not built")
+
+
+class _Registered:
+    """Keeps the metrics it creates so that they can be unregistered again."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self._registry = registry
+        self._created: list = []
+
+    def _build(self, name: str):
+        metric = build_metric(by_name(name), self._registry)
+        self._created.append(metric)
+        return metric
+
+    def unregister(self) -> None:
+        """Remove the metrics from their registry (used when spyglass shuts down)."""
+        if self._registry is None:
+            return
+        for metric in self._created:
+            try:
+                self._registry.unregister(metric)
+            except KeyError:
+                pass
+        self._created.clear()
+
+
+class HttpServerMetrics(_Registered):
+    """``http.server.request.duration`` and ``http.server.active_requests``."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, exemplars: ExemplarFile | None = None) -> None:
+        super().__init__(registry)
+        duration_spec = by_name("http_server_request_duration_seconds")
+        self._duration = self._build(duration_spec.name)
+        self._active = self._build("http_server_active_requests")
+        self._family = duration_spec.name
+        self._labelnames = duration_spec.labels
+        self._bounds = (*duration_spec.buckets, float("inf"))
+        self._exemplars = exemplars
+        self._children: dict[tuple[str, str, str], Histogram] = {}
+        self._active_children: dict[str, Gauge] = {}
+
+    def active(self, method: str) -> Gauge:
+        """The in-flight gauge for ``method`` (call ``inc``/``dec`` on it)."""
+        child = self._active_children.get(method)
+        if child is None:
+            child = self._active_children[method] = self._active.labels(method)
+        return child
+
+    def observe(
+        self,
+        method: str,
+        route: str,
+        status: str,
+        seconds: float,
+        trace_id: int = 0,
+        span_id: int = 0,
+    ) -> None:
+        """Record one finished request; a non-zero ``trace_id`` becomes the bucket's exemplar."""
+        series = (method, route, status)
+        child = self._children.get(series)
+        if child is None:
+            child = self._children[series] = self._duration.labels(*series)
+        if not trace_id:
+            child.observe(seconds)
+        elif self._exemplars is None:
+            child.observe(seconds, {"trace_id": format(trace_id, "032x"), "span_id": format(span_id, "016x")})
+        else:
+            child.observe(seconds)
+            self._exemplars.record(
+                self._family,
+                series,
+                self._labelnames,
+                self._bounds,
+                seconds,
+                time.time(),
+                trace_id.to_bytes(16, "big"),
+                span_id.to_bytes(8, "big"),
+            )
+
+
+class SpanPipelineMetrics(_Registered):
+    """Health of span export: ``otel.sdk.processor.span.processed`` and ``otel.sdk.exporter.span.exported``.
+
+    Implements the processor-metrics interface of the OpenTelemetry SDK's batch processor
+    (``register_queue_size``, ``finish_items``, ``drop_items``) so that dropped spans are counted
+    where the SDK drops them.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        super().__init__(registry)
+        processed = self._build("otel_sdk_processor_span_processed_total")
+        exported = self._build("otel_sdk_exporter_span_exported_total")
+        self._processed_ok = processed.labels("")
+        self._processed = processed
+        self._exported_ok = exported.labels("")
+        self._exported = exported
+
+    def register_queue_size(self, get_queue_size: Callable[[], int]) -> None:
+        """Part of the SDK interface; the queue size is not exported (it is a per-process value)."""
+
+    def finish_items(self, count: int) -> None:
+        """Spans taken from the queue and handed to the exporter."""
+        self._processed_ok.inc(count)
+
+    def drop_items(self, count: int, error_type: str = "queue_full") -> None:
+        """Spans dropped by the processor (queue full, or ended after shutdown)."""
+        self._processed.labels(error_type).inc(count)
+
+    def exported(self, count: int, error_type: str = "") -> None:
+        """Spans the exporter delivered (``error_type`` empty) or lost (``error_type`` set)."""
+        if error_type:
+            self._exported.labels(error_type).inc(count)
+        else:
+            self._exported_ok.inc(count)

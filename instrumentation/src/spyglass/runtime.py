@@ -1,0 +1,209 @@
+"""The process-wide telemetry state: set up once, shared by every integration, shut down cleanly.
+
+A process plays one of three roles:
+
+``standalone``
+    One process serves the application and its own metrics endpoint.
+``master``
+    A pre-forking server's parent (gunicorn arbiter, Celery main process): it owns the
+    multi-process metrics directory and serves the endpoint that sums all workers.
+``worker``
+    A forked child of a master: it records telemetry but serves no endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry, PlatformCollector
+
+from spyglass import __version__
+from spyglass.config import Settings, load_settings
+from spyglass.logs import configure_logging, reset_logging
+from spyglass.metrics import multiprocess
+from spyglass.metrics.collectors import MultiProcessExemplarCollector, ProcessTreeCollector, ResourceInfoCollector
+from spyglass.metrics.exemplars import ExemplarFile
+from spyglass.metrics.instruments import HttpServerMetrics, SpanPipelineMetrics
+from spyglass.metrics.server import MetricsServer, start_metrics_server
+from spyglass.redaction import Redactor
+from spyglass.tracing import build_propagator, build_tracer_provider
+
+__all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "shutdown"]
+
+ROLES = ("standalone", "master", "worker")
+_logger = logging.getLogger("spyglass")
+_lock = threading.RLock()
+_state: Telemetry | None = None
+_role_override: str | None = None
+
+
+@dataclass
+class Telemetry:
+    """Everything the integrations need, built once per process by :func:`init`."""
+
+    settings: Settings
+    role: str
+    tracer: trace.Tracer | None
+    tracer_provider: TracerProvider | None
+    propagator: TextMapPropagator
+    http_metrics: HttpServerMetrics
+    span_metrics: SpanPipelineMetrics
+    redactor: Redactor
+    metrics_dir: str | None = None
+    metrics_server: MetricsServer | None = None
+    exemplar_file: ExemplarFile | None = None
+    _extra_collectors: list = field(default_factory=list)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on in this process, if it serves one."""
+        return self.metrics_server.port if self.metrics_server else None
+
+    def flush(self, timeout_millis: int = 10000) -> bool:
+        """Export every finished span now (before a worker exits, for example)."""
+        if self.tracer_provider is None:
+            return True
+        return self.tracer_provider.force_flush(timeout_millis)
+
+
+def current() -> Telemetry | None:
+    """The telemetry of this process, or ``None`` before :func:`init`."""
+    return _state
+
+
+def mark_worker() -> None:
+    """Declare this process a worker of a master that serves metrics (call right after fork)."""
+    global _role_override
+    _role_override = "worker"
+    if _state is not None:
+        _state.role = "worker"
+        if _state.metrics_server is not None:
+            # The listening socket came with the fork; only the master serves it.
+            _state.metrics_server.server.socket.close()
+            _state.metrics_server = None
+
+
+def _under_gunicorn() -> bool:
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
+
+
+def _detect_role() -> str:
+    # With spyglass's gunicorn hooks loaded, every worker is marked in post_fork before it imports
+    # the app, so an unmarked gunicorn process is the master (the app was preloaded in it).
+    if _under_gunicorn() and "spyglass.gunicorn" in sys.modules:
+        return "master"
+    return "standalone"
+
+
+def _setup_metrics(settings: Settings, role: str) -> tuple[str | None, ExemplarFile | None]:
+    directory = settings.metrics_dir
+    if role == "master":
+        directory = multiprocess.prepare_directory(directory or multiprocess.default_directory(settings.service_name))
+        # Workers inherit the variables and read the directory from them.
+        os.environ["SPYGLASS_METRICS_DIR"] = directory
+    if directory and role in ("master", "worker", "standalone"):
+        if role == "standalone" and not os.path.isdir(directory):
+            multiprocess.prepare_directory(directory)
+        multiprocess.enable(directory)
+        return directory, ExemplarFile(directory)
+    return None, None
+
+
+def _serving_registry(settings: Settings, directory: str | None) -> CollectorRegistry:
+    resource_info = ResourceInfoCollector(_resource_labels(settings), __version__)
+    if directory is None:
+        REGISTRY.register(resource_info)
+        return REGISTRY
+    registry = CollectorRegistry()
+    registry.register(MultiProcessExemplarCollector(directory))
+    registry.register(ProcessTreeCollector())
+    registry.register(resource_info)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def _resource_labels(settings: Settings) -> dict[str, str]:
+    labels = dict(settings.resource_attributes)
+    labels["service.name"] = settings.service_name
+    labels.setdefault("service.version", settings.service_version)
+    labels["telemetry.distro.name"] = "spyglass"
+    labels["telemetry.distro.version"] = __version__
+    return labels
+
+
+def init(settings: Settings | None = None, *, role: str | None = None) -> Telemetry:
+    """Set up traces, metrics and logs for this process; later calls return the same state.
+
+    ``settings`` default to :func:`spyglass.config.load_settings` (the environment). Raises
+    :class:`spyglass.config.ConfigError` for an invalid setting.
+    """
+    global _state
+    with _lock:
+        if _state is not None:
+            return _state
+        settings = settings if settings is not None else load_settings()
+        role = role or _role_override or _detect_role()
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        configure_logging(settings)
+        if _under_gunicorn() and role == "standalone":
+            _logger.warning(
+                "gunicorn runs this app without spyglass's hooks: metrics cover one worker only; "
+                "start it with `gunicorn -c python:spyglass.gunicorn` or import the hooks into your config"
+            )
+        directory, exemplar_file = _setup_metrics(settings, role)
+        registry = REGISTRY
+        span_metrics = SpanPipelineMetrics(registry)
+        http_metrics = HttpServerMetrics(registry, exemplar_file)
+        provider = None
+        tracer = None
+        if not settings.sdk_disabled:
+            provider = build_tracer_provider(settings, span_metrics)
+            trace.set_tracer_provider(provider)
+            tracer = provider.get_tracer("spyglass", __version__)
+        propagator = build_propagator(settings)
+        propagate.set_global_textmap(propagator)
+        state = Telemetry(
+            settings=settings,
+            role=role,
+            tracer=tracer,
+            tracer_provider=provider,
+            propagator=propagator,
+            http_metrics=http_metrics,
+            span_metrics=span_metrics,
+            redactor=Redactor(settings.redact_keys),
+            metrics_dir=directory,
+            exemplar_file=exemplar_file,
+        )
+        if role != "worker" and settings.metrics_port:
+            serving = _serving_registry(settings, directory)
+            state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
+        _state = state
+        return state
+
+
+def shutdown(timeout_millis: int = 10000) -> None:
+    """Flush and stop everything :func:`init` started; :func:`init` may be called again after."""
+    global _state
+    with _lock:
+        state = _state
+        if state is None:
+            return
+        _state = None
+        if state.tracer_provider is not None:
+            state.tracer_provider.force_flush(timeout_millis)
+            state.tracer_provider.shutdown()
+        if state.metrics_server is not None:
+            state.metrics_server.stop()
+        state.http_metrics.unregister()
+        state.span_metrics.unregister()
+        if state.exemplar_file is not None:
+            state.exemplar_file.close()
+        reset_logging()
