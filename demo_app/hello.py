@@ -4,13 +4,12 @@ Routes exercise what the instrumentation must get right: a templated route, a ha
 unhandled exception (500), a slow response and a streamed body.
 """
 
-import spyglass.auto  # noqa: F401  (first: instruments every Flask app of the process)
-
 import time
 
 from flask import Flask, Response, abort, jsonify, request
 
 import spyglass
+import spyglass.auto
 
 app = Flask(__name__)
 log = spyglass.get_logger("demo_app.hello")

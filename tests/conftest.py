@@ -92,11 +92,7 @@ class Gunicorn:
 def start_gunicorn(tmp: Path, *args: str, workers: int = 2, **env_overrides: str) -> Gunicorn:
     app_port, metrics_port = free_port(), free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
     env.update(
         OTEL_SERVICE_NAME="shop",
         OTEL_RESOURCE_ATTRIBUTES="service.version=1.2.3,deployment.environment.name=test",
@@ -152,9 +148,7 @@ def read_spans(path: Path) -> list[dict]:
             resource = {a["key"]: a["value"] for a in resource_spans["resource"]["attributes"]}
             for scope_spans in resource_spans["scopeSpans"]:
                 for span in scope_spans["spans"]:
-                    span["attributes"] = {
-                        a["key"]: next(iter(a["value"].values())) for a in span.get("attributes", [])
-                    }
+                    span["attributes"] = {a["key"]: next(iter(a["value"].values())) for a in span.get("attributes", [])}
                     span["resource"] = resource
                     spans.append(span)
     return spans

@@ -22,9 +22,10 @@ def _count(families: dict, route: str, status: str | None = None) -> float:
     total = 0.0
     family = families.get(DURATION)
     for sample in family.samples if family else ():
-        if sample.name == DURATION + "_count" and sample.labels["http_route"] == route:
-            if status is None or sample.labels["http_response_status_code"] == status:
-                total += sample.value
+        if sample.name != DURATION + "_count" or sample.labels["http_route"] != route:
+            continue
+        if status is None or sample.labels["http_response_status_code"] == status:
+            total += sample.value
     return total
 
 
@@ -114,8 +115,8 @@ def test_every_log_line_of_a_request_carries_the_exported_span_ids(gunicorn_serv
 
 def test_incoming_traceparent_becomes_the_parent_of_the_server_span(gunicorn_server: Gunicorn) -> None:
     """A caller's W3C trace context is continued: same trace id, the caller's span as parent."""
-    trace_id = "%032x" % random.getrandbits(128)
-    parent_id = "%016x" % random.getrandbits(64)
+    trace_id = f"{random.getrandbits(128):032x}"
+    parent_id = f"{random.getrandbits(64):016x}"
     response = requests.get(
         f"{gunicorn_server.url}/items/7",
         headers={"traceparent": f"00-{trace_id}-{parent_id}-01", "Connection": "close"},
@@ -158,7 +159,10 @@ def test_exposition_passes_promtool_check_metrics(gunicorn_server: Gunicorn) -> 
     """`promtool check metrics` finds nothing to complain about in the metrics endpoint."""
     _get_without_keepalive(f"{gunicorn_server.url}/items/1")
     result = subprocess.run(
-        ["promtool", "check", "metrics"], input=gunicorn_server.scrape(openmetrics=False), capture_output=True, text=True
+        ["promtool", "check", "metrics"],
+        input=gunicorn_server.scrape(openmetrics=False),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == ""
@@ -227,7 +231,11 @@ def test_recycled_workers_lose_no_spans_and_no_counts(tmp_path) -> None:
         assert "archive" in owners
     finally:
         assert server.stop() == 0
-    spans = [span for span in read_spans(server.traces_path) if span["attributes"].get("http.route") == "/items/<int:item_id>"]
+    spans = [
+        span
+        for span in read_spans(server.traces_path)
+        if span["attributes"].get("http.route") == "/items/<int:item_id>"
+    ]
     assert len(spans) == sent
     assert len({span["spanId"] for span in spans}) == sent
     recycled = [line for line in server.log_lines() if "autorestarting worker" in str(line.get("event", "")).lower()]

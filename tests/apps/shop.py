@@ -1,12 +1,11 @@
 """The app the tests run under gunicorn: instrumented only by ``import spyglass.auto``."""
 
-import spyglass.auto  # noqa: F401
-
 import os
 
 from flask import Flask, abort, jsonify, request
 
 import spyglass
+import spyglass.auto
 
 app = Flask(__name__)
 log = spyglass.get_logger("tests.shop")

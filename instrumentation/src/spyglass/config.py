@@ -193,7 +193,9 @@ def _traces_exporters(env: Mapping[str, str], endpoint_given: bool) -> tuple[str
     for name in lowered:
         if name not in TRACES_EXPORTERS:
             raise ConfigError(
-                "OTEL_TRACES_EXPORTER", env["OTEL_TRACES_EXPORTER"], "accepted values are " + ", ".join(TRACES_EXPORTERS)
+                "OTEL_TRACES_EXPORTER",
+                env["OTEL_TRACES_EXPORTER"],
+                "accepted values are " + ", ".join(TRACES_EXPORTERS),
             )
     if "none" in lowered:
         return ("none",)
@@ -227,7 +229,9 @@ def _propagators(env: Mapping[str, str]) -> tuple[str, ...]:
     lowered = tuple(name.lower() for name in names)
     for name in lowered:
         if name not in PROPAGATORS:
-            raise ConfigError("OTEL_PROPAGATORS", env["OTEL_PROPAGATORS"], "accepted values are " + ", ".join(PROPAGATORS))
+            raise ConfigError(
+                "OTEL_PROPAGATORS", env["OTEL_PROPAGATORS"], "accepted values are " + ", ".join(PROPAGATORS)
+            )
     return tuple(name for name in lowered if name != "none")
 
 
@@ -244,7 +248,9 @@ def _excluded_urls(env: Mapping[str, str]) -> tuple[str, ...]:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ConfigError(name, env[name], f"use comma-separated regular expressions ({pattern!r}: {exc})") from None
+                raise ConfigError(
+                    name, env[name], f"use comma-separated regular expressions ({pattern!r}: {exc})"
+                ) from None
         return patterns
     return DEFAULT_EXCLUDED_URLS
 

@@ -14,7 +14,7 @@ _CACHE_LIMIT = 4096
 
 
 def escape_control_characters(text: str) -> str:
-    """Replace control characters (newlines, ANSI escapes, ...) with visible ``\\xNN`` escapes."""
+    r"""Replace control characters (newlines, ANSI escapes, ...) with visible ``\\xNN`` escapes."""
     if not _CONTROL.search(text):
         return text
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)

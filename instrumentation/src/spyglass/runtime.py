@@ -53,13 +53,18 @@ class Telemetry:
     tracer: trace.Tracer | None
     tracer_provider: TracerProvider | None
     propagator: TextMapPropagator
-    http_metrics: HttpServerMetrics
-    span_metrics: SpanPipelineMetrics
+    http_metrics: HttpServerMetrics | None
+    span_metrics: SpanPipelineMetrics | None
     redactor: Redactor
     metrics_dir: str | None = None
     metrics_server: MetricsServer | None = None
     exemplar_file: ExemplarFile | None = None
     _extra_collectors: list = field(default_factory=list)
+
+    @property
+    def disabled(self) -> bool:
+        """``SPYGLASS_DISABLED`` is set: integrations leave the application untouched."""
+        return self.settings.disabled
 
     @property
     def metrics_port(self) -> int | None:
@@ -116,10 +121,12 @@ def _setup_metrics(settings: Settings, role: str) -> tuple[str | None, ExemplarF
     return None, None
 
 
-def _serving_registry(settings: Settings, directory: str | None) -> CollectorRegistry:
+def _serving_registry(state: Telemetry) -> CollectorRegistry:
+    settings, directory = state.settings, state.metrics_dir
     resource_info = ResourceInfoCollector(_resource_labels(settings), __version__)
     if directory is None:
         REGISTRY.register(resource_info)
+        state._extra_collectors.append(resource_info)
         return REGISTRY
     registry = CollectorRegistry()
     registry.register(MultiProcessExemplarCollector(directory))
@@ -152,6 +159,9 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
         role = role or _role_override or _detect_role()
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if settings.disabled:
+            _state = Telemetry(settings, role, None, None, build_propagator(settings), None, None, Redactor(()))
+            return _state
         configure_logging(settings)
         if _under_gunicorn() and role == "standalone":
             _logger.warning(
@@ -183,7 +193,7 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             exemplar_file=exemplar_file,
         )
         if role != "worker" and settings.metrics_port:
-            serving = _serving_registry(settings, directory)
+            serving = _serving_registry(state)
             state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
         _state = state
         return state
@@ -202,8 +212,12 @@ def shutdown(timeout_millis: int = 10000) -> None:
             state.tracer_provider.shutdown()
         if state.metrics_server is not None:
             state.metrics_server.stop()
-        state.http_metrics.unregister()
-        state.span_metrics.unregister()
+        for metrics in (state.http_metrics, state.span_metrics):
+            if metrics is not None:
+                metrics.unregister()
+        for collector in state._extra_collectors:
+            REGISTRY.unregister(collector)
         if state.exemplar_file is not None:
             state.exemplar_file.close()
-        reset_logging()
+        if not state.disabled:
+            reset_logging()

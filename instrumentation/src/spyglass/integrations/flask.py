@@ -22,11 +22,12 @@ import flask
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from werkzeug.wsgi import ClosingIterator
 
 from spyglass import runtime
 from spyglass.logs import get_logger
 
-__all__ = ["UNMATCHED_ROUTE", "FlaskInstrumentation", "instrument_flask", "install_auto_instrumentation"]
+__all__ = ["UNMATCHED_ROUTE", "FlaskInstrumentation", "install_auto_instrumentation", "instrument_flask"]
 
 UNMATCHED_ROUTE = "<unmatched>"
 STATE_KEY = "spyglass.request"
@@ -65,6 +66,7 @@ class _RequestState:
         "span_id",
         "start",
         "status",
+        "streamed",
         "trace_id",
     )
 
@@ -82,6 +84,7 @@ class _RequestState:
         self.span_id = 0
         self.sampled = False
         self.done = False
+        self.streamed = True
 
 
 def _capture_route() -> None:
@@ -92,6 +95,18 @@ def _capture_route() -> None:
         rule = request.url_rule
         if rule is not None:
             state.route = rule.rule
+
+
+def _capture_response(response: flask.Response) -> flask.Response:
+    """``after_request`` hook (runs last): note whether the body is already complete.
+
+    A body is complete when it is a list, or when Flask converted a werkzeug response (error
+    pages of ``abort``/404/405) into a closing iterator over text it already holds.
+    """
+    state = flask.request.environ.get(STATE_KEY)
+    if state is not None:
+        state.streamed = not (response.is_sequence or isinstance(response.response, ClosingIterator))
+    return response
 
 
 def _capture_exception(_sender: Any, exception: BaseException, **_extra: Any) -> None:
@@ -117,7 +132,7 @@ def _server_address(environ: dict) -> tuple[str, int | None]:
 
 
 class _ResponseBody:
-    """Wraps the WSGI response iterable; the request ends when it is exhausted or closed.
+    """Wraps a streamed WSGI response; the request ends when it is exhausted or closed.
 
     The request's span is made current only while the application produces a chunk, never
     while the server holds a half-read body, so the context cannot leak into the next request.
@@ -171,6 +186,7 @@ class FlaskInstrumentation:
         self._tracer = telemetry.tracer
         self._propagator = telemetry.propagator
         self._propagation_keys = tuple("HTTP_" + field.upper().replace("-", "_") for field in self._propagator.fields)
+        assert telemetry.http_metrics is not None, "spyglass is disabled"
         self._metrics = telemetry.http_metrics
         self._redactor = telemetry.redactor
         self._known_methods = settings.known_methods
@@ -181,6 +197,7 @@ class FlaskInstrumentation:
 
     # -- per request ---------------------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        """Handle one request: span, metrics and access log around the wrapped WSGI app."""
         path = environ.get("PATH_INFO") or "/"
         if self._excluded is not None and self._excluded(path):
             return self._wsgi_app(environ, start_response)
@@ -209,6 +226,11 @@ class FlaskInstrumentation:
         finally:
             if token is not None:
                 otel_context.detach(token)
+        if not state.streamed:
+            # The body is a list computed by the view: the request is complete (this is also
+            # what makes telemetry visible to test clients that never read the body).
+            self._finish(state)
+            return body
         return _ResponseBody(body, self, state)
 
     def _start_span(self, environ: dict, state: _RequestState) -> object:
@@ -296,7 +318,9 @@ class FlaskInstrumentation:
         if exception is not None:
             span.record_exception(exception)
             kind = type(exception)
-            attributes["error.type"] = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+            attributes["error.type"] = (
+                f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+            )
         elif status[0] == "5":
             attributes["error.type"] = status
         span.set_attributes(attributes)
@@ -312,8 +336,13 @@ def instrument_flask(app: flask.Flask) -> flask.Flask:
     with _instrument_lock:
         if getattr(app, _APP_ATTRIBUTE, None) is not None:
             return app
+        if runtime.init().disabled:
+            setattr(app, _APP_ATTRIBUTE, False)
+            return app
         instrumentation = FlaskInstrumentation(app, app.wsgi_app)
         app.before_request_funcs.setdefault(None, []).insert(0, _capture_route)
+        # Index 0 of the app-wide after_request list runs last, so it sees the final response.
+        app.after_request_funcs.setdefault(None, []).insert(0, _capture_response)
         flask.got_request_exception.connect(_capture_exception, app, weak=False)
         _remove_flask_default_handler(app)
         app.wsgi_app = instrumentation  # type: ignore[method-assign]
@@ -344,7 +373,7 @@ def install_auto_instrumentation() -> None:
     _original_call = original
 
     def __call__(self: flask.Flask, environ: dict, start_response: StartResponse) -> Any:
-        if getattr(self, _APP_ATTRIBUTE, None) is None:
+        if getattr(self, _APP_ATTRIBUTE, None) is None:  # False when spyglass is disabled
             instrument_flask(self)
         return original(self, environ, start_response)
 

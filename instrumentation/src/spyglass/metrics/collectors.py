@@ -34,6 +34,7 @@ class ResourceInfoCollector:
         self._build = {"version": spyglass_version, "python_version": platform.python_version()}
 
     def collect(self) -> Iterator[Metric]:
+        """Yield the metric families of this collector."""
         target = InfoMetricFamily("target", by_name("target_info").description)
         target.add_metric([], self._target)
         yield target
@@ -50,6 +51,7 @@ class MultiProcessExemplarCollector(MultiProcessCollector):
         self._directory = path
 
     def collect(self) -> Iterator[Metric]:  # type: ignore[override]
+        """Merge every process's files and attach the newest exemplar of each bucket."""
         with scrape_lock():
             families = list(super().collect())
             exemplars = read_exemplars(self._directory)
@@ -75,6 +77,7 @@ class ProcessTreeCollector:
             return []
 
     def collect(self) -> Iterator[Metric]:
+        """Yield the metric families of this collector."""
         cpu = rss = vms = fds = start_time = 0.0
         children = self._living_children()
         for index, process in enumerate([self._root, *children]):
@@ -98,7 +101,9 @@ class ProcessTreeCollector:
         yield GaugeMetricFamily(
             "process_resident_memory_bytes", by_name("process_resident_memory_bytes").description, value=rss
         )
-        yield GaugeMetricFamily("process_virtual_memory_bytes", by_name("process_virtual_memory_bytes").description, value=vms)
+        yield GaugeMetricFamily(
+            "process_virtual_memory_bytes", by_name("process_virtual_memory_bytes").description, value=vms
+        )
         yield GaugeMetricFamily("process_open_fds", by_name("process_open_fds").description, value=fds)
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         yield GaugeMetricFamily("process_max_fds", by_name("process_max_fds").description, value=soft_limit)

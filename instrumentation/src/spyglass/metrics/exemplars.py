@@ -135,7 +135,7 @@ class ExemplarFile:
                 self._open()
             position = self._positions.get(cache_key)
             if position is None:
-                labels = list(zip(labelnames, series))
+                labels = list(zip(labelnames, series, strict=True))
                 labels.append(("le", floatToGoString(bounds[index])))
                 position = self._positions[cache_key] = self._allocate(exemplar_key(family, labels))
             self._write(position, value, timestamp, trace_id, span_id)

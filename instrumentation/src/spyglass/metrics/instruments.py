@@ -7,6 +7,7 @@ observation, and record exemplars natively in a single process or through
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -26,7 +27,9 @@ def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counte
     if spec.type == "histogram":
         return Histogram(spec.constructor_name, spec.description, buckets=spec.buckets, **common)
     if spec.type == "gauge":
-        return Gauge(spec.constructor_name, spec.description, multiprocess_mode=spec.multiprocess_mode or "all", **common)
+        return Gauge(
+            spec.constructor_name, spec.description, multiprocess_mode=spec.multiprocess_mode or "all", **common
+        )
     raise ValueError(f"{spec.name}: {spec.type} metrics are produced by collectors, not built")
 
 
@@ -47,10 +50,8 @@ class _Registered:
         if self._registry is None:
             return
         for metric in self._created:
-            try:
+            with contextlib.suppress(KeyError):
                 self._registry.unregister(metric)
-            except KeyError:
-                pass
         self._created.clear()
 
 

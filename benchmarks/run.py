@@ -1,0 +1,372 @@
+"""Measure the per-request CPU that instrumentation adds to a Flask route and write docs/performance.md.
+
+``make bench`` runs ``python -m benchmarks.run``. Every variant of
+:data:`benchmarks.http_overhead.VARIANTS` is measured in its own fresh process (instrumentation
+installs process-global state), several times, interleaved (A B C ... A B C ...) so that machine
+noise spreads evenly over the variants. The result table is printed and written to
+``docs/performance.md``. A failing measurement process fails the run; missing the overhead target
+does not (the report says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.http_overhead import VARIANTS, variant_environment
+
+__all__ = ["BenchmarkError", "Summary", "main", "render_report", "run_benchmark"]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = ROOT / "docs" / "performance.md"
+BASELINE = "baseline"
+TARGET_NUMERATOR = "spyglass"
+TARGET_DENOMINATOR = "otel-flask"
+TARGET_RATIO = 0.25
+PACKAGES = (
+    "flask",
+    "opentelemetry-sdk",
+    "opentelemetry-instrumentation-flask",
+    "prometheus-flask-exporter",
+    "spyglass",
+)
+_CLEARED_PREFIXES = ("OTEL_", "SPYGLASS_")
+_CLEARED_NAMES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+_SUBPROCESS_TIMEOUT_S = 600
+DASH = "\u2013"  # en dash, for ranges and empty cells
+TIMES = "\u00d7"
+
+DESCRIPTIONS = {
+    "baseline": "plain Flask app, no instrumentation",
+    "spyglass": "`import spyglass.auto`: span (always_on) + histogram with exemplar + JSON access log",
+    "spyglass-10pct": "as spyglass, `traceidratio` sampler at 0.1",
+    "otel-flask": "opentelemetry-instrumentation-flask + SDK (batch spans to file, HTTP metrics)",
+    "prometheus-flask-exporter": "`PrometheusMetrics(app)`, default metrics",
+}
+
+
+class BenchmarkError(Exception):
+    """A measurement process failed or returned no result."""
+
+
+@dataclass
+class Summary:
+    """The measurements of one variant over all repetitions (µs per request)."""
+
+    name: str
+    thread_us: list[float]
+    process_us: list[float]
+    spans_written: list[int | None]
+    requests_served: int
+
+    @property
+    def thread_median(self) -> float:
+        """Median request-thread CPU per request."""
+        return statistics.median(self.thread_us)
+
+    @property
+    def process_median(self) -> float:
+        """Median whole-process CPU per request."""
+        return statistics.median(self.process_us)
+
+
+def _clean_environment() -> dict[str, str]:
+    """Return this process's environment without any telemetry configuration a caller may have set."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_CLEARED_PREFIXES) and key not in _CLEARED_NAMES
+    }
+
+
+def _measure_once(name: str, warmup: int, requests: int) -> dict[str, Any]:
+    """Run one measurement process for variant ``name`` and return its JSON result."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
+        traces_file = os.path.join(workdir, "traces.jsonl")
+        result_file = os.path.join(workdir, "result.json")
+        environment = _clean_environment()
+        environment.update(variant_environment(name, traces_file))
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.http_overhead",
+            name,
+            "--traces-file",
+            traces_file,
+            "--result",
+            result_file,
+            "--warmup",
+            str(warmup),
+            "--requests",
+            str(requests),
+        ]
+        try:
+            completed = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # spyglass's access log: a real write, no terminal flood
+                stderr=subprocess.PIPE,
+                timeout=_SUBPROCESS_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BenchmarkError(f"variant {name!r} did not finish within {_SUBPROCESS_TIMEOUT_S} s") from exc
+        stderr = completed.stderr.decode("utf-8", "replace").strip()
+        if completed.returncode != 0:
+            tail = "\n".join(stderr.splitlines()[-25:])
+            raise BenchmarkError(f"variant {name!r} failed with exit status {completed.returncode}:\n{tail}")
+        try:
+            with open(result_file, encoding="utf-8") as file:
+                return json.load(file)
+        except (OSError, ValueError) as exc:
+            raise BenchmarkError(f"variant {name!r} exited without a readable result ({exc}):\n{stderr}") from exc
+
+
+def run_benchmark(variants: Sequence[str], repetitions: int, warmup: int, requests: int) -> list[Summary]:
+    """Measure every variant ``repetitions`` times, interleaved, and summarise each."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    total = repetitions * len(variants)
+    done = 0
+    for repetition in range(1, repetitions + 1):
+        for name in variants:
+            result = _measure_once(name, warmup, requests)
+            results[name].append(result)
+            done += 1
+            print(
+                f"[{done:>2}/{total}] rep {repetition} {name:<26} "
+                f"thread {result['thread_us']:7.1f} µs/req  process {result['process_us']:7.1f} µs/req",
+                file=sys.stderr,
+                flush=True,
+            )
+    served = warmup + requests + 1  # + the request that checks the response
+    return [
+        Summary(
+            name=name,
+            thread_us=[r["thread_us"] for r in runs],
+            process_us=[r["process_us"] for r in runs],
+            spans_written=[r.get("spans_written") for r in runs],
+            requests_served=served,
+        )
+        for name, runs in results.items()
+    ]
+
+
+def _cpu_model() -> str:
+    """Return the CPU model named by /proc/cpuinfo (or what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _machine_lines() -> list[str]:
+    """Describe the machine and software the numbers were measured on, as Markdown list items."""
+    versions = ", ".join(f"{package} {_version(package)}" for package in PACKAGES)
+    return [
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), "
+        f"{platform.system()} {platform.release()}",
+        f"- Packages: {versions}",
+    ]
+
+
+def _spans_cell(summary: Summary) -> str:
+    counts = [count for count in summary.spans_written if count is not None]
+    if not counts:
+        return DASH
+    median = int(statistics.median(counts))
+    return f"{median:,} ({median / summary.requests_served:.0%})"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.1f}"
+
+
+def _key_ratio(by_name: dict[str, Summary], attribute: str) -> float | None:
+    """Divide the added cost of spyglass by that of otel-flask for one measure (``None`` if unmeasured)."""
+    if not {BASELINE, TARGET_NUMERATOR, TARGET_DENOMINATOR} <= by_name.keys():
+        return None
+    base = getattr(by_name[BASELINE], attribute)
+    denominator = getattr(by_name[TARGET_DENOMINATOR], attribute) - base
+    if denominator <= 0:
+        return None
+    return (getattr(by_name[TARGET_NUMERATOR], attribute) - base) / denominator
+
+
+def target_verdict(summaries: Sequence[Summary]) -> tuple[float | None, str]:
+    """Return the key figure (request-thread CPU) and whether it meets the target."""
+    ratio = _key_ratio({s.name: s for s in summaries}, "thread_median")
+    if ratio is None:
+        return None, "not measured"
+    return ratio, "target met" if ratio <= TARGET_RATIO else "target missed"
+
+
+def render_table(summaries: Sequence[Summary]) -> str:
+    """Render the result table in Markdown."""
+    by_name = {summary.name: summary for summary in summaries}
+    base = by_name[BASELINE]
+    header = (
+        f"| Variant | Request-thread CPU µs/req: median (min{DASH}max) | Added | {TIMES} baseline "
+        f"| Process CPU µs/req: median (min{DASH}max) | Added | {TIMES} baseline | Spans exported (of requests) |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for summary in summaries:
+        thread, process = summary.thread_median, summary.process_median
+        is_base = summary is base
+        lines.append(
+            f"| {summary.name} "
+            f"| {thread:.1f} ({min(summary.thread_us):.1f}{DASH}{max(summary.thread_us):.1f}) "
+            f"| {DASH if is_base else _signed(thread - base.thread_median)} "
+            f"| {thread / base.thread_median:.2f} "
+            f"| {process:.1f} ({min(summary.process_us):.1f}{DASH}{max(summary.process_us):.1f}) "
+            f"| {DASH if is_base else _signed(process - base.process_median)} "
+            f"| {process / base.process_median:.2f} "
+            f"| {_spans_cell(summary)} |"
+        )
+    return "\n".join(lines)
+
+
+def _key_figure_lines(summaries: Sequence[Summary]) -> list[str]:
+    by_name = {summary.name: summary for summary in summaries}
+    ratio, verdict = target_verdict(summaries)
+    if ratio is None:
+        return [f"Key figure not available: it needs {BASELINE}, {TARGET_NUMERATOR} and {TARGET_DENOMINATOR}."]
+    process_ratio = _key_ratio(by_name, "process_median")
+    lines = [
+        f"**Key figure: {TARGET_NUMERATOR} added ÷ {TARGET_DENOMINATOR} added (request-thread CPU) = "
+        f"{ratio:.2f}; target: at most {TARGET_RATIO:.2f}: {verdict}.**",
+        "",
+    ]
+    if process_ratio is not None:
+        lines.append(f"The same ratio for whole-process CPU is {process_ratio:.2f}.")
+    return lines
+
+
+def _dropped_spans_note(summaries: Sequence[Summary]) -> list[str]:
+    """Warn about always-on variants whose batch span processor dropped spans."""
+    lossy = [
+        summary.name
+        for summary in summaries
+        if summary.name in (TARGET_NUMERATOR, TARGET_DENOMINATOR)
+        and any(count is not None and count < summary.requests_served for count in summary.spans_written)
+    ]
+    if not lossy:
+        return []
+    return [
+        "",
+        f"Warning: {', '.join(lossy)} sampled every request but exported fewer spans: the batch span "
+        "processor's queue (2,048 spans) overflowed because its export thread did not get enough of the "
+        "GIL while the request loop ran. Process CPU therefore leaves out the export of the dropped spans.",
+    ]
+
+
+def render_report(summaries: Sequence[Summary], repetitions: int, warmup: int, requests: int) -> str:
+    """Render the whole of docs/performance.md."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    variants = "\n".join(f"- `{s.name}`: {DESCRIPTIONS.get(s.name, '')}" for s in summaries)
+    return "\n".join(
+        [
+            "<!-- Generated by `make bench` (python -m benchmarks.run). Do not edit: rerun it instead. -->",
+            "",
+            "# Performance: per-request CPU overhead",
+            "",
+            "This file is written by `make bench`; the numbers below come from its last run.",
+            "",
+            f"Measured {now}: {repetitions} repetitions per variant, each of {warmup:,} warm-up "
+            f"and {requests:,} timed `GET /` requests in a fresh process.",
+            "",
+            render_table(summaries),
+            "",
+            *_key_figure_lines(summaries),
+            *_dropped_spans_note(summaries),
+            "",
+            "## Machine",
+            "",
+            *_machine_lines(),
+            "",
+            "## Variants",
+            "",
+            variants,
+            "",
+            "## Method",
+            "",
+            "Each variant serves the same Flask app (`@app.get('/')` returning `hello`) and runs in its own "
+            "process, since instrumentation installs process-global state; the repetitions are interleaved "
+            "(every variant once, then again) so machine noise spreads evenly. The process calls the app "
+            "directly as a WSGI server would: a copy of one `GET /` environ per request, the body iterated "
+            "and closed, no network. `baseline` is the app alone. `spyglass` is configured only through the "
+            "environment (`OTEL_SERVICE_NAME=bench`, `OTEL_TRACES_EXPORTER=otlp_json_file` to a temporary "
+            "file, `OTEL_TRACES_SAMPLER=always_on`, `SPYGLASS_METRICS_PORT=0`, nothing excluded) and "
+            "`import spyglass.auto`: a span per request, a histogram observation with exemplar, and one "
+            "JSON access-log line per request written to stdout (redirected to /dev/null). "
+            "`spyglass-10pct` samples 10% of traces (`traceidratio`, 0.1). `otel-flask` is "
+            "`FlaskInstrumentor().instrument_app(app)` with the OpenTelemetry SDK: a `BatchSpanProcessor` "
+            "feeding spyglass's own OTLP/JSON file exporter (the same export work as spyglass) and a "
+            "`MeterProvider` whose `PeriodicExportingMetricReader` discards what it collects, with "
+            "`OTEL_SEMCONV_STABILITY_OPT_IN=http`. `prometheus-flask-exporter` is `PrometheusMetrics(app)` "
+            "with its default metrics. Request-thread CPU (`time.thread_time`) is what a request pays; "
+            "process CPU (`time.process_time`) adds the background threads and runs until the "
+            "instrumentation is shut down, so pending exports are included (telemetry of the warm-up is "
+            "flushed before timing starts). Medians are over the repetitions; *added* is the variant's "
+            "median minus the baseline's. Rerun with `make bench` (or `.venv/bin/python -m benchmarks.run "
+            "--help` for the repetition and request counts).",
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the table and write the report; non-zero only if a measurement failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repetitions", type=int, default=5, help="measurement processes per variant")
+    parser.add_argument("--warmup", type=int, default=2_000, help="untimed requests per process")
+    parser.add_argument("--requests", type=int, default=20_000, help="timed requests per process")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the Markdown report")
+    args = parser.parse_args(argv)
+    if min(args.repetitions, args.warmup + 1, args.requests) < 1:
+        parser.error("--repetitions and --requests must be positive, --warmup not negative")
+
+    try:
+        summaries = run_benchmark(list(VARIANTS), args.repetitions, args.warmup, args.requests)
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    report = render_report(summaries, args.repetitions, args.warmup, args.requests)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report, encoding="utf-8")
+    print(report)
+    ratio, verdict = target_verdict(summaries)
+    if ratio is not None:
+        print(f"{verdict}: spyglass added ÷ otel-flask added = {ratio:.2f} (target ≤ {TARGET_RATIO:.2f})")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The multi-process metric directory: exemplars across processes, and folding in exited workers."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from spyglass.metrics import multiprocess
+from spyglass.metrics.exemplars import ExemplarFile, attach_exemplars, exemplar_key, read_exemplars
+
+BOUNDS = (0.1, 1.0, float("inf"))
+LABELS = ("http_request_method", "http_route", "http_response_status_code")
+
+
+def record(store: ExemplarFile, value: float, trace: int, timestamp: float) -> None:
+    store.record(
+        "http_server_request_duration_seconds",
+        ("GET", "/x", "200"),
+        LABELS,
+        BOUNDS,
+        value,
+        timestamp,
+        trace.to_bytes(16, "big"),
+        (trace & 0xFFFF).to_bytes(8, "big"),
+    )
+
+
+def bucket_key(le: str) -> str:
+    return exemplar_key(
+        "http_server_request_duration_seconds",
+        [("http_request_method", "GET"), ("http_route", "/x"), ("http_response_status_code", "200"), ("le", le)],
+    )
+
+
+def test_newest_exemplar_per_bucket_wins_across_processes(tmp_path: Path) -> None:
+    """Two processes write the same bucket; the reader returns the most recent one, per bucket."""
+    parent = ExemplarFile(str(tmp_path))
+    record(parent, 0.05, trace=1, timestamp=100.0)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        try:
+            record(parent, 0.07, trace=2, timestamp=200.0)  # same object: must write the child's own file
+            record(parent, 0.5, trace=3, timestamp=50.0)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    files = sorted(path.name for path in tmp_path.glob("*.exm"))
+    assert files == sorted([f"exemplars_{os.getpid()}.exm", f"exemplars_{child}.exm"])
+    exemplars = read_exemplars(str(tmp_path))
+    assert exemplars[bucket_key("0.1")].labels["trace_id"] == f"{2:032x}"
+    assert exemplars[bucket_key("0.1")].value == 0.07
+    assert exemplars[bucket_key("1.0")].labels["trace_id"] == f"{3:032x}"
+
+
+def test_a_record_caught_mid_write_is_skipped(tmp_path: Path) -> None:
+    """An odd sequence number (writer in progress) means no exemplar rather than a torn one."""
+    store = ExemplarFile(str(tmp_path))
+    record(store, 0.05, trace=9, timestamp=1.0)
+    store.close()
+    path = next(tmp_path.glob("*.exm"))
+    data = bytearray(path.read_bytes())
+    key = bucket_key("0.1").encode()
+    key_at = data.index(key)
+    padded = len(key) + (8 - (len(key) + 4) % 8) % 8
+    sequence_at = key_at + padded
+    (sequence,) = struct.unpack_from("<Q", data, sequence_at)
+    assert sequence % 2 == 0 and sequence > 0
+    struct.pack_into("<Q", data, sequence_at, sequence + 1)
+    path.write_bytes(bytes(data))
+    assert read_exemplars(str(tmp_path)) == {}
+
+
+def test_exemplars_attach_to_the_matching_merged_bucket(tmp_path: Path) -> None:
+    """The collector output gets each exemplar on the bucket sample with the same labels and `le`."""
+    store = ExemplarFile(str(tmp_path))
+    record(store, 0.5, trace=5, timestamp=10.0)
+    families = [
+        _histogram_family({"le": "0.1"}, {"le": "1.0"}, {"le": "+Inf"}),
+    ]
+    (family,) = attach_exemplars(families, read_exemplars(str(tmp_path)))
+    by_le = {sample.labels["le"]: sample.exemplar for sample in family.samples}
+    assert by_le["0.1"] is None and by_le["+Inf"] is None
+    assert by_le["1.0"].labels["trace_id"] == f"{5:032x}"
+
+
+def _histogram_family(*bucket_labels: dict):
+    from prometheus_client.core import Metric
+
+    family = Metric("http_server_request_duration_seconds", "help", "histogram")
+    base = {"http_request_method": "GET", "http_route": "/x", "http_response_status_code": "200"}
+    for extra in bucket_labels:
+        family.add_sample("http_server_request_duration_seconds_bucket", {**base, **extra}, 1.0)
+    return family
+
+
+def test_folding_in_an_exited_process_keeps_totals_and_removes_its_files(tmp_path: Path) -> None:
+    """Counter totals stay the same across compaction; the dead pid's files are gone."""
+    directory = str(tmp_path)
+    key = '["requests", "requests_total", {"route": "/a"}, "help"]'
+    for pid, value in ((111, 3.0), (222, 4.0)):
+        values = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        values.write_value(key, value, 0.0)
+        values.close()
+    live_gauge = MmapedDict(str(tmp_path / "gauge_livesum_111.db"))
+    live_gauge.write_value('["active", "active", {}, "help"]', 1.0, 0.0)
+    live_gauge.close()
+    store = ExemplarFile(directory, "111")
+    record(store, 0.05, trace=7, timestamp=5.0)
+    store.close()
+
+    def total() -> float:
+        collected = MultiProcessCollector(None, path=directory).collect()
+        return sum(s.value for family in collected for s in family.samples if s.name == "requests_total")
+
+    assert total() == 7.0
+    multiprocess.compact_dead_process(111, directory)
+    assert total() == 7.0
+    multiprocess.compact_dead_process(222, directory)
+    assert total() == 7.0
+    remaining = sorted(path.name for path in tmp_path.iterdir())
+    assert remaining == ["counter_archive.db", "exemplars_archive.exm"]
+    assert read_exemplars(directory)[bucket_key("0.1")].labels["trace_id"] == f"{7:032x}"
+
+
+def test_prepare_directory_empties_what_a_previous_run_left(tmp_path: Path) -> None:
+    """Stale value files from an earlier run would be summed into the new one: start empty."""
+    (tmp_path / "counter_999.db").write_bytes(b"stale")
+    (tmp_path / "nested").mkdir()
+    multiprocess.prepare_directory(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
