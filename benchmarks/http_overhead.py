@@ -155,8 +155,14 @@ VARIANTS: dict[str, Callable[[str], Variant]] = {
 
 
 def variant_environment(name: str, traces_file: str) -> dict[str, str]:
-    """Return the variables a variant's process is started with (on top of a clean environment)."""
+    """Return the variables a variant's process is started with (on top of a clean environment).
+
+    Both tracing variants get a span queue larger than a run produces: a loop without I/O starves
+    the export thread of the GIL, and a dropped span would be export work left unpaid.
+    """
+    queue = {"OTEL_BSP_MAX_QUEUE_SIZE": "65536"}
     spyglass = {
+        **queue,
         "OTEL_SERVICE_NAME": "bench",
         "OTEL_TRACES_EXPORTER": "otlp_json_file",
         "SPYGLASS_TRACES_FILE": traces_file,
@@ -169,7 +175,7 @@ def variant_environment(name: str, traces_file: str) -> dict[str, str]:
     if name == "spyglass-10pct":
         return {**spyglass, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
     if name == "otel-flask":
-        return {"OTEL_SERVICE_NAME": "bench", "OTEL_SEMCONV_STABILITY_OPT_IN": "http"}
+        return {**queue, "OTEL_SERVICE_NAME": "bench", "OTEL_SEMCONV_STABILITY_OPT_IN": "http"}
     if name in VARIANTS:
         return {}
     raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")

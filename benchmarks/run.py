@@ -185,6 +185,24 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _source_revision() -> str:
+    """Name the git commit measured, noting uncommitted changes (``unknown`` outside a checkout)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} (with uncommitted changes)" if dirty else commit
+
+
 def _machine_lines() -> list[str]:
     """Describe the machine and software the numbers were measured on, as Markdown list items."""
     versions = ", ".join(f"{package} {_version(package)}" for package in PACKAGES)
@@ -193,6 +211,7 @@ def _machine_lines() -> list[str]:
         f"- Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.system()} {platform.release()}",
         f"- Packages: {versions}",
+        f"- Source: commit {_source_revision()}",
     ]
 
 
@@ -220,8 +239,12 @@ def _key_ratio(by_name: dict[str, Summary], attribute: str) -> float | None:
 
 
 def target_verdict(summaries: Sequence[Summary]) -> tuple[float | None, str]:
-    """Return the key figure (request-thread CPU) and whether it meets the target."""
-    ratio = _key_ratio({s.name: s for s in summaries}, "thread_median")
+    """Return the key figure (whole-process CPU) and whether it meets the target.
+
+    Whole-process CPU counts everything the instrumentation costs, exporting every span included;
+    request-thread CPU alone would reward an instrumentation for pushing work onto a thread.
+    """
+    ratio = _key_ratio({s.name: s for s in summaries}, "process_median")
     if ratio is None:
         return None, "not measured"
     return ratio, "target met" if ratio <= TARGET_RATIO else "target missed"
@@ -257,14 +280,14 @@ def _key_figure_lines(summaries: Sequence[Summary]) -> list[str]:
     ratio, verdict = target_verdict(summaries)
     if ratio is None:
         return [f"Key figure not available: it needs {BASELINE}, {TARGET_NUMERATOR} and {TARGET_DENOMINATOR}."]
-    process_ratio = _key_ratio(by_name, "process_median")
+    thread_ratio = _key_ratio(by_name, "thread_median")
     lines = [
-        f"**Key figure: {TARGET_NUMERATOR} added ÷ {TARGET_DENOMINATOR} added (request-thread CPU) = "
-        f"{ratio:.2f}; target: at most {TARGET_RATIO:.2f}: {verdict}.**",
+        f"**Key figure: {TARGET_NUMERATOR} added ÷ {TARGET_DENOMINATOR} added (whole-process CPU, every span "
+        f"exported) = {ratio:.2f}; target: at most {TARGET_RATIO:.2f}: {verdict}.**",
         "",
     ]
-    if process_ratio is not None:
-        lines.append(f"The same ratio for whole-process CPU is {process_ratio:.2f}.")
+    if thread_ratio is not None:
+        lines.append(f"The same ratio for request-thread CPU alone is {thread_ratio:.2f}.")
     return lines
 
 
@@ -281,8 +304,9 @@ def _dropped_spans_note(summaries: Sequence[Summary]) -> list[str]:
     return [
         "",
         f"Warning: {', '.join(lossy)} sampled every request but exported fewer spans: the batch span "
-        "processor's queue (2,048 spans) overflowed because its export thread did not get enough of the "
-        "GIL while the request loop ran. Process CPU therefore leaves out the export of the dropped spans.",
+        "processor's queue overflowed because its export thread did not get enough of the GIL while the "
+        "request loop ran. Process CPU therefore leaves out the export of the dropped spans; the comparison "
+        "is not fair until this run is repeated.",
     ]
 
 

@@ -69,6 +69,9 @@ class Gunicorn:
     def families(self) -> dict:
         return {family.name: family for family in parse_openmetrics(self.scrape())}
 
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
     def log_lines(self) -> list[dict]:
         lines = []
         for raw in self.log_path.read_text().splitlines():
@@ -89,7 +92,9 @@ class Gunicorn:
         return self.process.returncode
 
 
-def start_gunicorn(tmp: Path, *args: str, workers: int = 2, **env_overrides: str) -> Gunicorn:
+def start_gunicorn(
+    tmp: Path, *args: str, workers: int = 2, config: str = "python:spyglass.gunicorn", **env_overrides: str
+) -> Gunicorn:
     app_port, metrics_port = free_port(), free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
@@ -107,7 +112,7 @@ def start_gunicorn(tmp: Path, *args: str, workers: int = 2, **env_overrides: str
     command = [
         str(VENV_BIN / "gunicorn"),
         "-c",
-        "python:spyglass.gunicorn",
+        config,
         "-w",
         str(workers),
         "-b",

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
+from spyglass.logs import flush_logs
 from tests.conftest import read_spans
 
 DURATION = "http_server_request_duration_seconds"
@@ -79,6 +80,12 @@ def finished_spans(traces: Path) -> list[dict]:
     assert state is not None
     state.flush()
     return read_spans(traces)
+
+
+def output(capfd) -> str:
+    """What the process wrote to stdout, pending batched log lines included."""
+    flush_logs()
+    return capfd.readouterr().out
 
 
 def count(method: str, route: str, status: str) -> float:
@@ -187,7 +194,7 @@ def test_log_lines_are_single_json_objects_with_redacted_secrets(instrumented, c
     app, _ = instrumented()
     forged = 'hi"}\n{"level":"critical","event":"forged"}\r\n\x1b[31m'
     assert app.test_client().post("/note", json={"text": forged}).status_code == 200
-    lines = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
+    lines = [line for line in output(capfd).splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line parses on its own
     assert not any(record.get("event") == "forged" for record in records)
     note = next(record for record in records if record["event"] == "note")
@@ -201,11 +208,11 @@ def test_console_format_escapes_control_characters(instrumented, capfd) -> None:
     """In the development format newlines and ANSI escapes from input are shown, not obeyed."""
     app, _ = instrumented(SPYGLASS_LOG_FORMAT="console")
     app.test_client().post("/note", json={"text": "line1\nline2\x1b[2J"})
-    output = capfd.readouterr().out
-    note_lines = [line for line in output.splitlines() if "note" in line and "line1" in line]
+    text = output(capfd)
+    note_lines = [line for line in text.splitlines() if "note" in line and "line1" in line]
     assert len(note_lines) == 1
     assert "\\x0a" in note_lines[0] and "\\x1b" in note_lines[0]
-    assert "\x1b[2J" not in output
+    assert "\x1b[2J" not in text
 
 
 def test_stdlib_logging_goes_through_the_same_pipeline(instrumented, capfd) -> None:
@@ -213,7 +220,7 @@ def test_stdlib_logging_goes_through_the_same_pipeline(instrumented, capfd) -> N
     app, _ = instrumented()
     response = app.test_client().get("/boom")
     trace_id = response.headers["traceresponse"].split("-")[1]
-    records = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in output(capfd).splitlines() if line.startswith("{")]
     error = next(record for record in records if record["event"].startswith("Exception on /boom"))
     assert error["logger"] == "unit"
     assert error["level"] == "error"

@@ -93,6 +93,7 @@ class Settings:
     log_format: str = "json"
     log_level: str = "info"
     access_log: bool = True
+    log_flush_interval_s: float = 0.1
     redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
     excluded_urls: tuple[str, ...] = DEFAULT_EXCLUDED_URLS
     known_methods: frozenset[str] = frozenset(DEFAULT_KNOWN_METHODS)
@@ -136,6 +137,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
         upper = f" and {maximum}" if maximum is not None else ""
         bound = f"between {minimum}{upper}" if maximum is not None else f"of at least {minimum}"
         raise ConfigError(name, raw, f"use a whole number {bound}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 60.0:
+        raise ConfigError(name, raw, "use a number of seconds from 0 to 60 (0 writes every line at once)")
     return value
 
 
@@ -336,6 +350,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=_choice(env, "SPYGLASS_LOG_FORMAT", "json", LOG_FORMATS),
         log_level=_choice(env, "SPYGLASS_LOG_LEVEL", "info", LOG_LEVELS),
         access_log=_bool(env, "SPYGLASS_ACCESS_LOG", True),
+        log_flush_interval_s=_seconds(env, "SPYGLASS_LOG_FLUSH_INTERVAL", 0.1),
         redact_keys=tuple(key.lower() for key in redact) if redact is not None else DEFAULT_REDACT_KEYS,
         excluded_urls=_excluded_urls(env),
         known_methods=_known_methods(env),

@@ -60,7 +60,7 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Worker, on its way out (including ``max_requests`` recycling): export every pending span."""
+    """Worker, on its way out (including ``max_requests`` recycling): export pending spans and log lines."""
     runtime.shutdown()
 
 

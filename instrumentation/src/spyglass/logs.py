@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -19,12 +20,56 @@ import structlog
 from opentelemetry import trace
 
 from spyglass.config import Settings
+from spyglass.line_writer import LineWriter
 from spyglass.redaction import Redactor, escape_control_characters
 
-__all__ = ["configure_logging", "get_logger", "reset_logging"]
+__all__ = ["AccessLog", "configure_logging", "flush_logs", "get_logger", "reset_logging"]
 
 _HANDLER_NAME = "spyglass"
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
+_writer: LineWriter | None = None
+
+
+class _LineLogger:
+    """The structlog output logger: rendered bytes go to the shared line writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: bytes) -> None:
+        """Write one rendered line."""
+        self._writer.write(message + b"\n")
+
+    log = debug = info = warn = warning = error = err = fatal = failure = exception = critical = msg
+
+
+class _LineHandler(logging.Handler):
+    """The standard-library handler: formatted records go to the shared line writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.write(self.format(record).encode("utf-8", "backslashreplace") + b"\n")
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+
+def _stdout_writer(settings: Settings) -> LineWriter | None:
+    """A line writer on stdout's file descriptor, or ``None`` when stdout has none (or for the console)."""
+    if settings.log_format != "json":
+        return None
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    sys.stdout.flush()
+    return LineWriter(descriptor, max_delay=settings.log_flush_interval_s)
 
 
 def _add_trace_context(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -87,21 +132,24 @@ def _shared_processors(settings: Settings) -> list[Processor]:
 
 def configure_logging(settings: Settings) -> None:
     """Route structlog and standard-library logging through the spyglass pipeline on stdout."""
+    global _writer
     level = logging.getLevelNamesMapping()[settings.log_level.upper()]
     shared = _shared_processors(settings)
+    if _writer is not None:
+        _writer.close()
+    _writer = writer = _stdout_writer(settings)
     if settings.log_format == "console":
         renderer: Processor = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
-        native_factory: Any = structlog.PrintLoggerFactory(sys.stdout)
-        native_renderer = renderer
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_json_text)
-        buffer = getattr(sys.stdout, "buffer", None)
-        if buffer is not None:
-            native_factory = structlog.BytesLoggerFactory(buffer)
-            native_renderer = structlog.processors.JSONRenderer(serializer=_json_bytes)
-        else:
-            native_factory = structlog.PrintLoggerFactory(sys.stdout)
-            native_renderer = renderer
+    native_factory: Any
+    if writer is not None:
+        line_logger = _LineLogger(writer)
+        native_factory = lambda *_args: line_logger  # noqa: E731 - structlog wants a factory
+        native_renderer: Processor = structlog.processors.JSONRenderer(serializer=_json_bytes)
+    else:
+        native_factory = structlog.PrintLoggerFactory(sys.stdout)
+        native_renderer = renderer
 
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, native_renderer],
@@ -118,7 +166,7 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler: logging.Handler = _LineHandler(writer) if writer is not None else logging.StreamHandler(sys.stdout)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -155,13 +203,72 @@ class _RateLimit(logging.Filter):
         return True
 
 
+def flush_logs() -> None:
+    """Write every pending log line now (before a worker exits, for example)."""
+    if _writer is not None:
+        _writer.flush()
+
+
 def reset_logging() -> None:
     """Undo :func:`configure_logging` (used by :func:`spyglass.shutdown` and tests)."""
+    global _writer
+    if _writer is not None:
+        _writer.close()
+        _writer = None
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
     structlog.reset_defaults()
+
+
+_second_prefix: tuple[int, str] = (-1, "")
+
+
+def _utc_timestamp() -> str:
+    """Now as ISO-8601 UTC with microseconds, like structlog's TimeStamper, at a fraction of its cost."""
+    global _second_prefix
+    now = time.time()
+    second = int(now)
+    cached_second, prefix = _second_prefix
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_prefix = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+
+class AccessLog:
+    """Writes the access line of each request.
+
+    The line has the fields, timestamp, service, trace ids and bound context of every other line
+    and the same JSON rendering, without structlog's per-call machinery (several times the cost on
+    the hot path). In the console format it goes through structlog instead.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        threshold = logging.getLevelNamesMapping()[settings.log_level.upper()]
+        self._info_enabled = threshold <= logging.INFO
+        self._error_enabled = threshold <= logging.ERROR
+        self._service_name = settings.service_name
+        self._redactor = Redactor(settings.redact_keys)
+        self._fallback = get_logger("spyglass.access") if _writer is None else None
+
+    def write(self, fields: dict[str, Any], error: bool) -> None:
+        """Emit one ``event="request"`` line at level ``error`` (5xx) or ``info``."""
+        if not (self._error_enabled if error else self._info_enabled):
+            return
+        level = "error" if error else "info"
+        writer = _writer
+        if self._fallback is not None or writer is None:
+            getattr(self._fallback or get_logger("spyglass.access"), level)("request", **fields)
+            return
+        record: dict[str, Any] = {"event": "request", "level": level, "logger": "spyglass.access", **fields}
+        bound = structlog.contextvars.get_contextvars()
+        if bound:
+            record = {**self._redactor.redact_mapping(bound), **record}
+        record["timestamp"] = _utc_timestamp()
+        record["service.name"] = self._service_name
+        writer.write(orjson.dumps(record, default=repr) + b"\n")
 
 
 def get_logger(name: str = "app", **initial_values: Any) -> Any:

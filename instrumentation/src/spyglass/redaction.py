@@ -11,6 +11,8 @@ __all__ = ["REDACTED", "Redactor", "escape_control_characters"]
 REDACTED = "[REDACTED]"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f\u2028\u2029]")
 _CACHE_LIMIT = 4096
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+_SEQUENCES = (list, tuple)
 
 
 def escape_control_characters(text: str) -> str:
@@ -48,12 +50,18 @@ class Redactor:
         Returns ``data`` itself when nothing needed changing (the common case costs no copy).
         """
         changed: dict | None = None
+        decisions = self._decisions
         for key, value in data.items():
-            if isinstance(key, str) and self.is_secret(key):
+            secret = decisions.get(key)
+            if secret is None:
+                secret = isinstance(key, str) and self.is_secret(key)
+            if secret:
                 replacement: object = REDACTED
+            elif type(value) in _SCALARS:
+                continue
             elif isinstance(value, dict):
                 replacement = self.redact_mapping(value)
-            elif isinstance(value, list | tuple):
+            elif isinstance(value, _SEQUENCES):
                 replacement = self._redact_sequence(value)
             else:
                 continue

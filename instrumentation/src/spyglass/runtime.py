@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, PlatformCollector
 
 from spyglass import __version__
 from spyglass.config import Settings, load_settings
-from spyglass.logs import configure_logging, reset_logging
+from spyglass.logs import configure_logging, flush_logs, reset_logging
 from spyglass.metrics import multiprocess
 from spyglass.metrics.collectors import MultiProcessExemplarCollector, ProcessTreeCollector, ResourceInfoCollector
 from spyglass.metrics.exemplars import ExemplarFile
@@ -73,6 +73,7 @@ class Telemetry:
 
     def flush(self, timeout_millis: int = 10000) -> bool:
         """Export every finished span now (before a worker exits, for example)."""
+        flush_logs()
         if self.tracer_provider is None:
             return True
         return self.tracer_provider.force_flush(timeout_millis)
@@ -113,8 +114,8 @@ def _setup_metrics(settings: Settings, role: str) -> tuple[str | None, ExemplarF
         directory = multiprocess.prepare_directory(directory or multiprocess.default_directory(settings.service_name))
         # Workers inherit the variables and read the directory from them.
         os.environ["SPYGLASS_METRICS_DIR"] = directory
-    if directory and role in ("master", "worker", "standalone"):
-        if role == "standalone" and not os.path.isdir(directory):
+    if directory:
+        if not os.path.isdir(directory):
             multiprocess.prepare_directory(directory)
         multiprocess.enable(directory)
         return directory, ExemplarFile(directory)

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from werkzeug.wsgi import ClosingIterator
 
 from spyglass import runtime
-from spyglass.logs import get_logger
+from spyglass.logs import AccessLog
 
 __all__ = ["UNMATCHED_ROUTE", "FlaskInstrumentation", "install_auto_instrumentation", "instrument_flask"]
 
@@ -54,6 +54,7 @@ _GETTER = _EnvironGetter()
 
 class _RequestState:
     __slots__ = (
+        "active",
         "context",
         "done",
         "exception",
@@ -63,11 +64,11 @@ class _RequestState:
         "route",
         "sampled",
         "span",
-        "span_id",
+        "span_hex",
         "start",
         "status",
         "streamed",
-        "trace_id",
+        "trace_hex",
     )
 
     def __init__(self, method: str, raw_method: str, path: str) -> None:
@@ -80,48 +81,60 @@ class _RequestState:
         self.path = path
         self.span: trace.Span | None = None
         self.context: otel_context.Context | None = None
-        self.trace_id = 0
-        self.span_id = 0
+        self.trace_hex = ""
+        self.span_hex = ""
         self.sampled = False
         self.done = False
         self.streamed = True
+        self.active: Any = None
 
 
-def _capture_route() -> None:
-    """``before_request`` hook: remember the matched route template for this request."""
+def _capture_response(response: flask.Response) -> flask.Response:
+    """``after_request`` hook (runs last): note the matched route and whether the body is complete.
+
+    A body is complete when it is a list, or when Flask converted a werkzeug response (error
+    pages of ``abort``/404/405) into a closing iterator over text it already holds.
+    """
     request = flask.request
     state = request.environ.get(STATE_KEY)
     if state is not None:
         rule = request.url_rule
         if rule is not None:
             state.route = rule.rule
-
-
-def _capture_response(response: flask.Response) -> flask.Response:
-    """``after_request`` hook (runs last): note whether the body is already complete.
-
-    A body is complete when it is a list, or when Flask converted a werkzeug response (error
-    pages of ``abort``/404/405) into a closing iterator over text it already holds.
-    """
-    state = flask.request.environ.get(STATE_KEY)
-    if state is not None:
         state.streamed = not (response.is_sequence or isinstance(response.response, ClosingIterator))
     return response
 
 
 def _capture_exception(_sender: Any, exception: BaseException, **_extra: Any) -> None:
-    """``got_request_exception`` receiver: keep the unhandled exception for the span."""
-    state = flask.request.environ.get(STATE_KEY)
+    """``got_request_exception`` receiver: keep the unhandled exception (and route) for the span."""
+    request = flask.request
+    state = request.environ.get(STATE_KEY)
     if state is not None:
         state.exception = exception
+        rule = request.url_rule
+        if rule is not None:
+            state.route = rule.rule
 
 
 def _clip(value: str) -> str:
     return value if len(value) <= _ATTRIBUTE_LIMIT else value[:_ATTRIBUTE_LIMIT]
 
 
+_ADDRESS_CACHE: dict[str | None, tuple[str, int | None]] = {}
+
+
 def _server_address(environ: dict) -> tuple[str, int | None]:
     host = environ.get("HTTP_HOST")
+    cached = _ADDRESS_CACHE.get(host)
+    if cached is not None:
+        return cached
+    address = _parse_server_address(host, environ)
+    if host is not None and len(_ADDRESS_CACHE) < 256:
+        _ADDRESS_CACHE[host] = address
+    return address
+
+
+def _parse_server_address(host: str | None, environ: dict) -> tuple[str, int | None]:
     if host:
         name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
         if name and port.isdigit():
@@ -191,7 +204,7 @@ class FlaskInstrumentation:
         self._redactor = telemetry.redactor
         self._known_methods = settings.known_methods
         self._traceresponse = settings.traceresponse
-        self._access_log = get_logger("spyglass.access") if settings.access_log else None
+        self._access_log = AccessLog(settings) if settings.access_log else None
         patterns = settings.excluded_urls
         self._excluded = re.compile("|".join(f"(?:{p})" for p in patterns)).search if patterns else None
 
@@ -205,16 +218,17 @@ class FlaskInstrumentation:
         method = raw_method if raw_method in self._known_methods else "_OTHER"
         state = _RequestState(method, raw_method, path)
         environ[STATE_KEY] = state
-        self._metrics.active(method).inc()
+        state.active = self._metrics.active(method)
+        state.active.inc()
         token = None
         if self._tracer is not None:
             token = self._start_span(environ, state)
 
         def _start_response(status: str, headers: list, exc_info: Any = None) -> Any:
             state.status = status
-            if self._traceresponse and state.trace_id:
-                flags = "01" if state.sampled else "00"
-                headers.append(("traceresponse", f"00-{state.trace_id:032x}-{state.span_id:016x}-{flags}"))
+            if self._traceresponse and state.trace_hex:
+                flags = "-01" if state.sampled else "-00"
+                headers.append(("traceresponse", "00-" + state.trace_hex + "-" + state.span_hex + flags))
             return start_response(status, headers, exc_info)
 
         try:
@@ -261,9 +275,6 @@ class FlaskInstrumentation:
         query = environ.get("QUERY_STRING")
         if query:
             attributes["url.query"] = _clip(self._redactor.redact_query(query))
-        protocol = environ.get("SERVER_PROTOCOL", "")
-        if protocol.startswith("HTTP/"):
-            attributes["network.protocol.version"] = protocol[5:]
         span = self._tracer.start_span(  # type: ignore[union-attr]
             "HTTP" if method == "_OTHER" else method,
             context=parent,
@@ -272,8 +283,8 @@ class FlaskInstrumentation:
         )
         span_context = span.get_span_context()
         state.span = span
-        state.trace_id = span_context.trace_id
-        state.span_id = span_context.span_id
+        state.trace_hex = f"{span_context.trace_id:032x}"
+        state.span_hex = f"{span_context.span_id:016x}"
         state.sampled = span_context.trace_flags.sampled
         state.context = trace.set_span_in_context(span, parent)
         return otel_context.attach(state.context)
@@ -291,8 +302,11 @@ class FlaskInstrumentation:
             if span.is_recording():
                 self._end_span_attributes(span, state, status)
             span.end()
-        self._metrics.observe(method, route, status, duration, state.trace_id if state.sampled else 0, state.span_id)
-        self._metrics.active(method).dec()
+        if state.sampled:
+            self._metrics.observe(method, route, status, duration, state.trace_hex, state.span_hex)
+        else:
+            self._metrics.observe(method, route, status, duration)
+        state.active.dec()
         if self._access_log is not None:
             fields: dict[str, Any] = {
                 "http.request.method": method,
@@ -301,11 +315,10 @@ class FlaskInstrumentation:
                 "http.response.status_code": int(status),
                 "http.server.request.duration": round(duration, 6),
             }
-            if state.trace_id:
-                fields["trace_id"] = f"{state.trace_id:032x}"
-                fields["span_id"] = f"{state.span_id:016x}"
-            level = "error" if status[0] == "5" else "info"
-            getattr(self._access_log, level)("request", **fields)
+            if state.trace_hex:
+                fields["trace_id"] = state.trace_hex
+                fields["span_id"] = state.span_hex
+            self._access_log.write(fields, error=status[0] == "5")
 
     @staticmethod
     def _end_span_attributes(span: trace.Span, state: _RequestState, status: str) -> None:
@@ -340,7 +353,6 @@ def instrument_flask(app: flask.Flask) -> flask.Flask:
             setattr(app, _APP_ATTRIBUTE, False)
             return app
         instrumentation = FlaskInstrumentation(app, app.wsgi_app)
-        app.before_request_funcs.setdefault(None, []).insert(0, _capture_route)
         # Index 0 of the app-wide after_request list runs last, so it sees the final response.
         app.after_request_funcs.setdefault(None, []).insert(0, _capture_response)
         flask.got_request_exception.connect(_capture_exception, app, weak=False)

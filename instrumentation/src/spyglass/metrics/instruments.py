@@ -83,10 +83,10 @@ class HttpServerMetrics(_Registered):
         route: str,
         status: str,
         seconds: float,
-        trace_id: int = 0,
-        span_id: int = 0,
+        trace_id: str = "",
+        span_id: str = "",
     ) -> None:
-        """Record one finished request; a non-zero ``trace_id`` becomes the bucket's exemplar."""
+        """Record one finished request; a ``trace_id`` (32 hex digits) becomes the bucket's exemplar."""
         series = (method, route, status)
         child = self._children.get(series)
         if child is None:
@@ -94,7 +94,7 @@ class HttpServerMetrics(_Registered):
         if not trace_id:
             child.observe(seconds)
         elif self._exemplars is None:
-            child.observe(seconds, {"trace_id": format(trace_id, "032x"), "span_id": format(span_id, "016x")})
+            child.observe(seconds, {"trace_id": trace_id, "span_id": span_id})
         else:
             child.observe(seconds)
             self._exemplars.record(
@@ -104,8 +104,8 @@ class HttpServerMetrics(_Registered):
                 self._bounds,
                 seconds,
                 time.time(),
-                trace_id.to_bytes(16, "big"),
-                span_id.to_bytes(8, "big"),
+                bytes.fromhex(trace_id),
+                bytes.fromhex(span_id),
             )
 
 

@@ -1,0 +1,128 @@
+"""Writing log lines to stdout in batches, from any thread, with a bounded delay.
+
+One ``write`` system call per log line costs a few microseconds and, worse, releases the GIL on
+every request, which hands it to the span export thread and makes the request wait. Lines are
+therefore collected and written together: as soon as a batch holds ``PIPE_BUF`` bytes, and at the
+latest ``max_delay`` seconds after the first line of the batch (a background thread sees to it).
+Each ``write`` holds whole lines and, where it can, at most ``PIPE_BUF`` bytes, so lines of several
+processes sharing one pipe (gunicorn workers) never interleave mid-line.
+
+Pending lines are written at exit and by :meth:`LineWriter.flush` (gunicorn's ``worker_exit``
+calls it); a process killed with SIGKILL loses at most ``max_delay`` seconds of lines.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import threading
+import weakref
+
+__all__ = ["LineWriter"]
+
+_PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+_LIVE: weakref.WeakSet[LineWriter] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for writer in list(_LIVE):
+        writer._after_fork_in_child()
+
+
+def _flush_all_at_exit() -> None:
+    for writer in list(_LIVE):
+        writer.flush()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(_flush_all_at_exit)
+
+
+class LineWriter:
+    """Batches complete lines (bytes ending in a newline) to a file descriptor.
+
+    ``max_delay=0`` writes every line at once (no background thread).
+    """
+
+    def __init__(self, fd: int, max_delay: float = 0.1) -> None:
+        self._fd = fd
+        self._max_delay = max_delay
+        self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.dropped_lines = 0
+        _LIVE.add(self)
+
+    def write(self, line: bytes) -> None:
+        """Queue one line; write the batch now if it is full (or if batching is off)."""
+        with self._lock:
+            self._pending.append(line)
+            self._pending_bytes += len(line)
+            full = self._pending_bytes >= _PIPE_BUF or self._max_delay <= 0
+            if full:
+                batch = self._take()
+        if full:
+            self._write(batch)
+        elif self._thread is None:
+            self._start_flusher()
+
+    def flush(self) -> None:
+        """Write every pending line now."""
+        with self._lock:
+            batch = self._take()
+        if batch:
+            self._write(batch)
+
+    def close(self) -> None:
+        """Flush and stop the background thread."""
+        self._stopped.set()
+        self.flush()
+
+    def _take(self) -> list[bytes]:
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        return batch
+
+    def _write(self, lines: list[bytes]) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > _PIPE_BUF:
+                self._write_chunk(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write_chunk(b"".join(chunk))
+
+    def _write_chunk(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            # stdout closed or its disk full: the application must not fail for a log line.
+            self.dropped_lines += bytes(view).count(b"\n")
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._flush_periodically, name="spyglass-log-flush", daemon=True)
+        self._thread.start()
+
+    def _flush_periodically(self) -> None:
+        while not self._stopped.wait(self._max_delay):
+            if self._pending:
+                self.flush()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent writes its own pending lines; the child starts empty, with no thread.
+        self._lock = threading.Lock()
+        self._pending, self._pending_bytes = [], 0
+        self._thread = None
+        self._stopped = threading.Event()
