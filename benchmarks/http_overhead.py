@@ -149,6 +149,8 @@ VARIANTS: dict[str, Callable[[str], Variant]] = {
     "baseline": build_baseline,
     "spyglass": build_spyglass,
     "spyglass-10pct": build_spyglass,
+    "spyglass-no-log": build_spyglass,
+    "spyglass-metrics-only": build_spyglass,
     "otel-flask": build_otel_flask,
     "prometheus-flask-exporter": build_prometheus_flask_exporter,
 }
@@ -172,6 +174,10 @@ def variant_environment(name: str, traces_file: str) -> dict[str, str]:
     }
     if name == "spyglass":
         return spyglass
+    if name == "spyglass-no-log":
+        return {**spyglass, "SPYGLASS_ACCESS_LOG": "false"}
+    if name == "spyglass-metrics-only":
+        return {**spyglass, "SPYGLASS_ACCESS_LOG": "false", "OTEL_SDK_DISABLED": "true"}
     if name == "spyglass-10pct":
         return {**spyglass, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
     if name == "otel-flask":

@@ -52,6 +52,8 @@ DESCRIPTIONS = {
     "baseline": "plain Flask app, no instrumentation",
     "spyglass": "`import spyglass.auto`: span (always_on) + histogram with exemplar + JSON access log",
     "spyglass-10pct": "as spyglass, `traceidratio` sampler at 0.1",
+    "spyglass-no-log": "as spyglass without the access log (`SPYGLASS_ACCESS_LOG=false`): traces and metrics",
+    "spyglass-metrics-only": "as spyglass with traces and access log off (`OTEL_SDK_DISABLED=true`): metrics only",
     "otel-flask": "opentelemetry-instrumentation-flask + SDK (batch spans to file, HTTP metrics)",
     "prometheus-flask-exporter": "`PrometheusMetrics(app)`, default metrics",
 }

@@ -85,15 +85,18 @@ def current() -> Telemetry | None:
 
 
 def mark_worker() -> None:
-    """Declare this process a worker of a master that serves metrics (call right after fork)."""
-    global _role_override
+    """Declare this process a worker of a master that serves metrics (call right after fork).
+
+    What the master set up stays the master's: the next :func:`init` builds this worker's own
+    telemetry (tracer provider and export thread, metric instruments, exemplar file).
+    """
+    global _role_override, _state
     _role_override = "worker"
-    if _state is not None:
-        _state.role = "worker"
+    if _state is not None and _state.role == "master":
         if _state.metrics_server is not None:
             # The listening socket came with the fork; only the master serves it.
             _state.metrics_server.server.socket.close()
-            _state.metrics_server = None
+        _state = None
 
 
 def _under_gunicorn() -> bool:
@@ -170,6 +173,16 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
                 "start it with `gunicorn -c python:spyglass.gunicorn` or import the hooks into your config"
             )
         directory, exemplar_file = _setup_metrics(settings, role)
+        propagator = build_propagator(settings)
+        if role == "master":
+            # The master handles no request: it owns the directory and serves the endpoint.
+            state = Telemetry(settings, role, None, None, propagator, None, None, Redactor(settings.redact_keys))
+            state.metrics_dir = directory
+            if settings.metrics_port:
+                serving = _serving_registry(state)
+                state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
+            _state = state
+            return state
         registry = REGISTRY
         span_metrics = SpanPipelineMetrics(registry)
         http_metrics = HttpServerMetrics(registry, exemplar_file)
@@ -179,7 +192,6 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             provider = build_tracer_provider(settings, span_metrics)
             trace.set_tracer_provider(provider)
             tracer = provider.get_tracer("spyglass", __version__)
-        propagator = build_propagator(settings)
         propagate.set_global_textmap(propagator)
         state = Telemetry(
             settings=settings,
