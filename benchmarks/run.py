@@ -312,6 +312,23 @@ def _dropped_spans_note(summaries: Sequence[Summary]) -> list[str]:
     ]
 
 
+def _breakdown_lines(summaries: Sequence[Summary]) -> list[str]:
+    """Split spyglass's added process CPU into metrics, traces and the access log (from the variants)."""
+    by_name = {summary.name: summary for summary in summaries}
+    needed = (BASELINE, "spyglass-metrics-only", "spyglass-no-log", TARGET_NUMERATOR)
+    if not all(name in by_name for name in needed):
+        return []
+    base, metrics, no_log, full = (by_name[name].process_median for name in needed)
+    parts = [
+        ("metrics and the middleware itself", metrics - base),
+        ("traces (span, context, export)", no_log - metrics),
+        ("access log", full - no_log),
+    ]
+    lines = ["", "Where spyglass's added process CPU goes (differences of medians, so noisy):", ""]
+    lines += [f"- {label}: {value:+.1f} µs/request" for label, value in parts]
+    return lines
+
+
 def render_report(summaries: Sequence[Summary], repetitions: int, warmup: int, requests: int) -> str:
     """Render the whole of docs/performance.md."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -331,6 +348,7 @@ def render_report(summaries: Sequence[Summary], repetitions: int, warmup: int, r
             "",
             *_key_figure_lines(summaries),
             *_dropped_spans_note(summaries),
+            *_breakdown_lines(summaries),
             "",
             "## Machine",
             "",
