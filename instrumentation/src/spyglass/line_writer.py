@@ -35,9 +35,18 @@ def _flush_all_at_exit() -> None:
         writer.flush()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-atexit.register(_flush_all_at_exit)
+_hooks_registered = False
+
+
+def _register_process_hooks() -> None:
+    # Registered with the first writer rather than at import: importing stays free of side effects.
+    global _hooks_registered
+    if _hooks_registered:
+        return
+    _hooks_registered = True
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_reset_after_fork)
+    atexit.register(_flush_all_at_exit)
 
 
 class LineWriter:
@@ -55,6 +64,7 @@ class LineWriter:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.dropped_lines = 0
+        _register_process_hooks()
         _LIVE.add(self)
 
     def write(self, line: bytes) -> None:

@@ -121,7 +121,8 @@ def _setup_metrics(settings: Settings, role: str) -> tuple[str | None, ExemplarF
         if not os.path.isdir(directory):
             multiprocess.prepare_directory(directory)
         multiprocess.enable(directory)
-        return directory, ExemplarFile(directory)
+        # The master records no request, so it keeps no exemplars of its own.
+        return directory, None if role == "master" else ExemplarFile(directory)
     return None, None
 
 

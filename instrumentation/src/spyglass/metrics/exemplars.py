@@ -47,8 +47,15 @@ def _after_fork_in_child() -> None:
         exemplar_file._forget_parent_file()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork_hook_registered = False
+
+
+def _register_fork_hook() -> None:
+    # Registered with the first file rather than at import: importing stays free of side effects.
+    global _fork_hook_registered
+    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+        _fork_hook_registered = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def exemplar_key(family: str, labels: Iterable[tuple[str, str]]) -> str:
@@ -73,6 +80,7 @@ class ExemplarFile:
         self._used = 0
         self._capacity = 0
         self._owner_pid = -1
+        _register_fork_hook()
         _LIVE_FILES.add(self)
 
     def _forget_parent_file(self) -> None:

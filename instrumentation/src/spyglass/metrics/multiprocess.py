@@ -10,7 +10,6 @@ that slow every scrape down.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import tempfile
@@ -104,8 +103,3 @@ def compact_dead_process(pid: int, path: str) -> None:
                 archive.close()
             os.unlink(dead)
         merge_exemplar_file(pid, path)
-
-
-def leftover_files(path: str) -> list[str]:
-    """Value files in ``path`` (for diagnostics and tests)."""
-    return sorted(glob.glob(os.path.join(path, "*.db")))
