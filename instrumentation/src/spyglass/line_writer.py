@@ -13,11 +13,12 @@ calls it); a process killed with SIGKILL loses at most ``max_delay`` seconds of 
 
 from __future__ import annotations
 
-import atexit
 import os
 import select
 import threading
 import weakref
+
+from spyglass.process_hooks import call_after_fork_in_child, call_at_exit
 
 __all__ = ["LineWriter"]
 
@@ -35,20 +36,6 @@ def _flush_all_at_exit() -> None:
         writer.flush()
 
 
-_hooks_registered = False
-
-
-def _register_process_hooks() -> None:
-    # Registered with the first writer rather than at import: importing stays free of side effects.
-    global _hooks_registered
-    if _hooks_registered:
-        return
-    _hooks_registered = True
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_reset_after_fork)
-    atexit.register(_flush_all_at_exit)
-
-
 class LineWriter:
     """Batches complete lines (bytes ending in a newline) to a file descriptor.
 
@@ -64,7 +51,8 @@ class LineWriter:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.dropped_lines = 0
-        _register_process_hooks()
+        call_after_fork_in_child(_reset_after_fork)
+        call_at_exit(_flush_all_at_exit)
         _LIVE.add(self)
 
     def write(self, line: bytes) -> None:

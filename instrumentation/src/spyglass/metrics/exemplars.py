@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
+from spyglass.process_hooks import call_after_fork_in_child
+
 __all__ = [
     "ExemplarFile",
     "attach_exemplars",
@@ -45,17 +47,6 @@ _LIVE_FILES: weakref.WeakSet[ExemplarFile] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for exemplar_file in list(_LIVE_FILES):
         exemplar_file._forget_parent_file()
-
-
-_fork_hook_registered = False
-
-
-def _register_fork_hook() -> None:
-    # Registered with the first file rather than at import: importing stays free of side effects.
-    global _fork_hook_registered
-    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
-        _fork_hook_registered = True
-        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def exemplar_key(family: str, labels: Iterable[tuple[str, str]]) -> str:
@@ -80,7 +71,7 @@ class ExemplarFile:
         self._used = 0
         self._capacity = 0
         self._owner_pid = -1
-        _register_fork_hook()
+        call_after_fork_in_child(_after_fork_in_child)
         _LIVE_FILES.add(self)
 
     def _forget_parent_file(self) -> None:
