@@ -141,6 +141,14 @@ def _serving_registry(state: Telemetry) -> CollectorRegistry:
     return registry
 
 
+def _serve_metrics(state: Telemetry) -> None:
+    """Start this process's metrics endpoint unless ``SPYGLASS_METRICS_PORT`` is 0."""
+    settings = state.settings
+    if settings.metrics_port:
+        serving = _serving_registry(state)
+        state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
+
+
 def _resource_labels(settings: Settings) -> dict[str, str]:
     labels = dict(settings.resource_attributes)
     labels["service.name"] = settings.service_name
@@ -179,9 +187,7 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             # The master handles no request: it owns the directory and serves the endpoint.
             state = Telemetry(settings, role, None, None, propagator, None, None, Redactor(settings.redact_keys))
             state.metrics_dir = directory
-            if settings.metrics_port:
-                serving = _serving_registry(state)
-                state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
+            _serve_metrics(state)
             _state = state
             return state
         registry = REGISTRY
@@ -206,9 +212,8 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             metrics_dir=directory,
             exemplar_file=exemplar_file,
         )
-        if role != "worker" and settings.metrics_port:
-            serving = _serving_registry(state)
-            state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
+        if role != "worker":
+            _serve_metrics(state)
         _state = state
         return state
 
