@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from spyglass.otlp_json import spans_to_otlp_json
+from spyglass.server_span import ServerSpanStarter
 
 
 def sample_spans() -> list:
@@ -38,12 +39,21 @@ def sample_spans() -> list:
             pass
     with tracer.start_as_current_span("root", kind=SpanKind.INTERNAL):
         pass
+    server = ServerSpanStarter(provider, "spyglass", "9.9").start(
+        "GET", trace.set_span_in_context(trace.NonRecordingSpan(remote)), {"http.request.method": "GET"}
+    )
+    server.set_attribute("app.items", [1, 2])
+    server.record_exception(KeyError("gone"))
+    server.add_link(remote, {"why": "retry"})
+    server.set_status(StatusCode.ERROR, "failed")
+    server.end()
     return list(exporter.get_finished_spans())
 
 
 def test_file_lines_equal_the_protobuf_encoding_of_the_sdk() -> None:
-    """Decoding a line back into protobuf gives exactly the SDK's own OTLP encoding."""
+    """Decoding a line back into protobuf gives exactly the SDK's own OTLP encoding (SDK and server spans)."""
     spans = sample_spans()
+    assert [span.name for span in spans] == ["child", "parent", "root", "GET"]
     document = json.loads(spans_to_otlp_json(spans))
     for resource_spans in document["resourceSpans"]:
         for scope_spans in resource_spans["scopeSpans"]:

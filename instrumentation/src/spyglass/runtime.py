@@ -33,6 +33,7 @@ from spyglass.metrics.exemplars import ExemplarFile
 from spyglass.metrics.instruments import HttpServerMetrics, SpanPipelineMetrics
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
+from spyglass.server_span import ServerSpanStarter
 from spyglass.tracing import build_propagator, build_tracer_provider
 
 __all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "shutdown"]
@@ -57,6 +58,7 @@ class Telemetry:
     span_metrics: SpanPipelineMetrics | None
     redactor: Redactor
     metrics_dir: str | None = None
+    server_spans: ServerSpanStarter | None = None
     metrics_server: MetricsServer | None = None
     exemplar_file: ExemplarFile | None = None
     _extra_collectors: list = field(default_factory=list)
@@ -195,10 +197,12 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
         http_metrics = HttpServerMetrics(registry, exemplar_file)
         provider = None
         tracer = None
+        server_spans = None
         if not settings.sdk_disabled:
             provider = build_tracer_provider(settings, span_metrics)
             trace.set_tracer_provider(provider)
             tracer = provider.get_tracer("spyglass", __version__)
+            server_spans = ServerSpanStarter(provider, "spyglass", __version__)
         propagate.set_global_textmap(propagator)
         state = Telemetry(
             settings=settings,
@@ -210,6 +214,7 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             span_metrics=span_metrics,
             redactor=Redactor(settings.redact_keys),
             metrics_dir=directory,
+            server_spans=server_spans,
             exemplar_file=exemplar_file,
         )
         if role != "worker":

@@ -21,11 +21,12 @@ from typing import Any
 import flask
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 from werkzeug.wsgi import ClosingIterator
 
 from spyglass import runtime
 from spyglass.logs import AccessLog
+from spyglass.server_span import ServerSpan
 
 __all__ = ["UNMATCHED_ROUTE", "FlaskInstrumentation", "install_auto_instrumentation", "instrument_flask"]
 
@@ -79,7 +80,7 @@ class _RequestState:
         self.method = method
         self.raw_method = raw_method
         self.path = path
-        self.span: trace.Span | None = None
+        self.span: ServerSpan | trace.NonRecordingSpan | None = None
         self.context: otel_context.Context | None = None
         self.trace_hex = ""
         self.span_hex = ""
@@ -196,7 +197,7 @@ class FlaskInstrumentation:
         self.app = app
         self._wsgi_app = wsgi_app
         self._telemetry = telemetry
-        self._tracer = telemetry.tracer
+        self._spans = telemetry.server_spans
         self._propagator = telemetry.propagator
         self._propagation_keys = tuple("HTTP_" + field.upper().replace("-", "_") for field in self._propagator.fields)
         assert telemetry.http_metrics is not None, "spyglass is disabled"
@@ -221,7 +222,7 @@ class FlaskInstrumentation:
         state.active = self._metrics.active(method)
         state.active.inc()
         token = None
-        if self._tracer is not None:
+        if self._spans is not None:
             token = self._start_span(environ, state)
 
         def _start_response(status: str, headers: list, exc_info: Any = None) -> Any:
@@ -275,12 +276,7 @@ class FlaskInstrumentation:
         query = environ.get("QUERY_STRING")
         if query:
             attributes["url.query"] = _clip(self._redactor.redact_query(query))
-        span = self._tracer.start_span(  # type: ignore[union-attr]
-            "HTTP" if method == "_OTHER" else method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
+        span = self._spans.start("HTTP" if method == "_OTHER" else method, parent, attributes)  # type: ignore[union-attr]
         span_context = span.get_span_context()
         state.span = span
         state.trace_hex = f"{span_context.trace_id:032x}"
@@ -300,7 +296,7 @@ class FlaskInstrumentation:
         span = state.span
         if span is not None:
             if span.is_recording():
-                self._end_span_attributes(span, state, status)
+                self._end_span_attributes(span, state, status)  # type: ignore[arg-type]
             span.end()
         if state.sampled:
             self._metrics.observe(method, route, status, duration, state.trace_hex, state.span_hex)
@@ -321,7 +317,7 @@ class FlaskInstrumentation:
             self._access_log.write(fields, error=status[0] == "5")
 
     @staticmethod
-    def _end_span_attributes(span: trace.Span, state: _RequestState, status: str) -> None:
+    def _end_span_attributes(span: ServerSpan, state: _RequestState, status: str) -> None:
         attributes: dict[str, Any] = {"http.response.status_code": int(status)}
         if state.route is not None:
             attributes["http.route"] = state.route
@@ -336,7 +332,7 @@ class FlaskInstrumentation:
             )
         elif status[0] == "5":
             attributes["error.type"] = status
-        span.set_attributes(attributes)
+        span.set_instrumentation_attributes(attributes)
         if status[0] == "5" or exception is not None:
             span.set_status(Status(StatusCode.ERROR))
 

@@ -1,0 +1,283 @@
+"""A light recording span for the requests a server handles, on the SDK's own span pipeline.
+
+The SDK's span object costs a request more than the rest of the instrumentation together: a
+lock, attribute containers that validate every value twice (at start and at end), and a second
+object built for the processors when it ends. A server span's own attributes are valid by
+construction, so :class:`ServerSpan` keeps them in a plain dict and is itself the finished
+``ReadableSpan`` handed to the span processors (batch processor, exporters, anything the user
+added to the tracer provider).
+
+Everything else behaves as an SDK span: ids come from the provider's id generator, the
+provider's sampler decides, processors see ``on_start`` and ``on_end``, and user code that
+enriches ``trace.get_current_span()`` (``set_attribute(s)``, ``add_event``, ``add_link``,
+``record_exception``, ``set_status``, ``update_name``) gets the SDK's validation and the
+``OTEL_SPAN_*_LIMIT`` / ``OTEL_ATTRIBUTE_*_LIMIT`` limits, through the SDK's own bounded
+containers, which are only created when user code calls them. Child spans started while it is
+current have it as their parent, as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Mapping, MutableMapping, Sequence
+from time import time_ns
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.semconv.attributes.exception_attributes import (
+    EXCEPTION_MESSAGE,
+    EXCEPTION_STACKTRACE,
+    EXCEPTION_TYPE,
+)
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util import types
+
+__all__ = ["ServerSpan", "ServerSpanStarter"]
+
+_logger = logging.getLogger("spyglass.traces")
+_UNSET = Status(StatusCode.UNSET)
+_EXCEPTION_ESCAPED = "exception.escaped"
+# The four trace-flag values a span can get: sampled or not, random trace id or not.
+_FLAGS = {
+    (sampled, random): TraceFlags(TraceFlags.SAMPLED * sampled | TraceFlags.RANDOM_TRACE_ID * random)
+    for sampled in (False, True)
+    for random in (False, True)
+}
+
+
+class ServerSpan(trace.Span, ReadableSpan):
+    """A recording SERVER span: the API of a span while it runs, a ``ReadableSpan`` once ended.
+
+    Create it with :meth:`ServerSpanStarter.start`. After :meth:`end`, changes are ignored with a
+    warning, as the SDK does.
+    """
+
+    # Defaults shared by every instance: most requests add no event or link and set no status.
+    _kind = SpanKind.SERVER
+    _events: Sequence[Event] = ()
+    _links: Sequence[Link] = ()
+    _status = _UNSET
+    _end_time: int | None = None
+    _instrumentation_info = None
+
+    def __init__(
+        self,
+        starter: ServerSpanStarter,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        attributes: MutableMapping[str, Any],
+        start_time: int,
+    ) -> None:
+        self._starter = starter
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._attributes = attributes
+        self._start_time = start_time
+        self._resource = starter.resource
+        self._instrumentation_scope = starter.scope
+
+    def __repr__(self) -> str:
+        return f'ServerSpan(name="{self._name}", context={self._context})'
+
+    # -- the span API --------------------------------------------------------------------------
+    def get_span_context(self) -> SpanContext:
+        """The span's immutable context (ids, flags, trace state)."""
+        return self._context
+
+    def is_recording(self) -> bool:
+        """True until the span ends."""
+        return self._end_time is None
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        """Set one attribute (validated and limited as by the SDK)."""
+        if self._ended("set_attribute"):
+            return
+        self._bounded_attributes()[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        """Set several attributes (validated and limited as by the SDK)."""
+        if self._ended("set_attributes"):
+            return
+        bounded = self._bounded_attributes()
+        for key, value in attributes.items():
+            bounded[key] = value
+
+    def set_instrumentation_attributes(self, attributes: Mapping[str, Any]) -> None:
+        """Set attributes the instrumentation built itself (strings, ints, bools: no validation needed)."""
+        if self._end_time is not None:
+            return
+        if type(self._attributes) is dict:
+            self._attributes.update(attributes)
+        else:
+            self.set_attributes(attributes)
+
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
+        """Add a timestamped event (at most ``OTEL_SPAN_EVENT_COUNT_LIMIT``)."""
+        if self._ended("add_event"):
+            return
+        limits = self._starter.limits
+        if not isinstance(self._events, BoundedList):
+            self._events = BoundedList(limits.max_events)
+        bounded = BoundedAttributes(
+            limits.max_event_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length
+        )
+        self._events.append(Event(name=name, attributes=bounded, timestamp=timestamp))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        """Link another span (at most ``OTEL_SPAN_LINK_COUNT_LIMIT``); invalid links are ignored."""
+        if self._ended("add_link"):
+            return
+        if not (context and (context.is_valid or attributes or context.trace_state)):
+            return
+        limits = self._starter.limits
+        if not isinstance(self._links, BoundedList):
+            self._links = BoundedList(limits.max_links)
+        bounded = BoundedAttributes(
+            limits.max_link_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length
+        )
+        self._links.append(Link(context=context, attributes=bounded))
+
+    def update_name(self, name: str) -> None:
+        """Rename the span."""
+        if self._ended("update_name"):
+            return
+        self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        """Set the status; ``OK`` is final and ``UNSET`` is ignored, as the specification says."""
+        if self._ended("set_status"):
+            return
+        if self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            if status.status_code is StatusCode.UNSET:
+                return
+            if description is not None:
+                _logger.warning("Description %s ignored: pass a Status, or a StatusCode and a description", description)
+            self._status = status
+        elif status is not StatusCode.UNSET:
+            self._status = Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """Record an exception as an ``exception`` event with type, message and stack trace."""
+        kind = type(exception)
+        module = kind.__module__
+        event_attributes: dict[str, Any] = {
+            EXCEPTION_TYPE: f"{module}.{kind.__qualname__}" if module and module != "builtins" else kind.__qualname__,
+            EXCEPTION_MESSAGE: str(exception),
+            EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+            _EXCEPTION_ESCAPED: str(escaped),
+        }
+        if attributes:
+            event_attributes.update(attributes)
+        self.add_event("exception", event_attributes, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        """End the span and hand it to the span processors (a second call only warns)."""
+        if self._ended("end"):
+            return
+        self._end_time = end_time if end_time is not None else time_ns()
+        if isinstance(self._attributes, BoundedAttributes):
+            self._attributes._immutable = True  # the SDK freezes them the same way
+        self._starter.processor.on_end(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        """End the span; an exception leaving the block is recorded and sets an error status."""
+        if exc_val is not None and self.is_recording():
+            self.record_exception(exc_val, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        self.end()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _ended(self, operation: str) -> bool:
+        if self._end_time is None:
+            return False
+        _logger.warning("Tried calling %s on an ended span.", operation)
+        return True
+
+    def _bounded_attributes(self) -> BoundedAttributes:
+        attributes = self._attributes
+        if isinstance(attributes, BoundedAttributes):
+            return attributes
+        limits = self._starter.limits
+        bounded = BoundedAttributes(
+            limits.max_span_attributes, attributes, immutable=False, max_value_len=limits.max_span_attribute_length
+        )
+        self._attributes = bounded
+        return bounded
+
+
+class ServerSpanStarter:
+    """Starts :class:`ServerSpan` objects on a tracer provider's sampler, ids, resource and processors."""
+
+    def __init__(self, provider: TracerProvider, scope_name: str, scope_version: str) -> None:
+        processor = getattr(provider, "_active_span_processor", None)
+        if not isinstance(processor, SpanProcessor):  # pragma: no cover - guards an SDK upgrade
+            raise TypeError("this OpenTelemetry SDK version hides its span processors from spyglass")
+        self.processor: SpanProcessor = processor
+        self.resource = provider.resource
+        self.scope = InstrumentationScope(scope_name, scope_version)
+        self.limits = SpanLimits()
+        self._sampler = provider.sampler
+        self._ids = provider.id_generator
+        self._random_ids = self._ids.is_trace_id_random()
+
+    def start(self, name: str, parent_context: otel_context.Context | None, attributes: dict[str, Any]) -> trace.Span:
+        """Start a SERVER span under ``parent_context`` (the current context when ``None``).
+
+        ``attributes`` must hold valid attribute values (strings, numbers, booleans); the dict
+        becomes the span's. Returns a ``NonRecordingSpan`` when the sampler drops the trace.
+        """
+        start_time = time_ns()
+        parent: SpanContext | None = trace.get_current_span(parent_context).get_span_context()
+        ids = self._ids
+        if parent is None or not parent.is_valid:
+            parent = None
+            trace_id = ids.generate_trace_id()
+            random = self._random_ids
+        else:
+            trace_id = parent.trace_id
+            random = parent.trace_flags.random_trace_id
+        result = self._sampler.should_sample(parent_context, trace_id, name, SpanKind.SERVER, attributes)
+        decision = result.decision
+        context = SpanContext(
+            trace_id,
+            ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_FLAGS[decision.is_sampled(), random],
+            trace_state=result.trace_state,
+        )
+        if not decision.is_recording():
+            return NonRecordingSpan(context)
+        sampled_attributes = result.attributes
+        if len(sampled_attributes) != len(attributes) or sampled_attributes != attributes:
+            # The sampler chose the attributes (as the SDK's tracer honours): validate them.
+            limits = self.limits
+            span_attributes: MutableMapping[str, Any] = BoundedAttributes(
+                limits.max_span_attributes, sampled_attributes, max_value_len=limits.max_span_attribute_length
+            )
+        else:
+            span_attributes = attributes
+        span = ServerSpan(self, name, context, parent, span_attributes, start_time)
+        self.processor.on_start(span, parent_context=parent_context)
+        return span
