@@ -39,7 +39,7 @@ def sample_spans() -> list:
             pass
     with tracer.start_as_current_span("root", kind=SpanKind.INTERNAL):
         pass
-    server = ServerSpanStarter(provider, "spyglass", "9.9").start(
+    server, *_ids = ServerSpanStarter(provider, "spyglass", "9.9").start(
         "GET", trace.set_span_in_context(trace.NonRecordingSpan(remote)), {"http.request.method": "GET"}
     )
     server.set_attribute("app.items", [1, 2])

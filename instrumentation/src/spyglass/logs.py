@@ -9,6 +9,7 @@ format, control characters are escaped so client input cannot forge a line.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -253,22 +254,51 @@ class AccessLog:
         self._redactor = Redactor(settings.redact_keys)
         self._fallback = get_logger("spyglass.access") if _writer is None else None
 
-    def write(self, fields: dict[str, Any], error: bool) -> None:
-        """Emit one ``event="request"`` line at level ``error`` (5xx) or ``info``."""
+    def http_request(
+        self, method: str, route: str, path: str, status: int, seconds: float, trace_id: str, span_id: str
+    ) -> None:
+        """Emit the ``event="request"`` line of an HTTP request, at level ``error`` for a 5xx, else ``info``."""
+        error = status >= 500
         if not (self._error_enabled if error else self._info_enabled):
             return
-        level = "error" if error else "info"
         writer = _writer
-        if self._fallback is not None or writer is None:
-            getattr(self._fallback or get_logger("spyglass.access"), level)("request", **fields)
+        if writer is None or self._fallback is not None:
+            fields = {
+                "http.request.method": method,
+                "http.route": route,
+                "url.path": path,
+                "http.response.status_code": status,
+                "http.server.request.duration": round(seconds, 6),
+            }
+            if trace_id:
+                fields["trace_id"], fields["span_id"] = trace_id, span_id
+            logger = self._fallback or get_logger("spyglass.access")
+            (logger.error if error else logger.info)("request", **fields)
             return
-        record: dict[str, Any] = {"event": "request", "level": level, "logger": "spyglass.access", **fields}
+        # One dict, in the order of the other lines' keys.
+        record: dict[str, Any] = {
+            "event": "request",
+            "level": "error" if error else "info",
+            "logger": "spyglass.access",
+            "http.request.method": method,
+            "http.route": route,
+            "url.path": path,
+            "http.response.status_code": status,
+            "http.server.request.duration": round(seconds, 6),
+            "timestamp": _utc_timestamp(),
+            "service.name": self._service_name,
+        }
+        if trace_id:
+            record["trace_id"] = trace_id
+            record["span_id"] = span_id
         bound = structlog.contextvars.get_contextvars()
         if bound:
             record = {**self._redactor.redact_mapping(bound), **record}
-        record["timestamp"] = _utc_timestamp()
-        record["service.name"] = self._service_name
-        writer.write(orjson.dumps(record, default=repr) + b"\n")
+        try:
+            line = orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:  # lone surrogates in a bound value: the stdlib escapes them
+            line = json.dumps(record, default=repr).encode("ascii") + b"\n"
+        writer.write(line)
 
 
 def get_logger(name: str = "app", **initial_values: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 __all__ = ["OtlpJsonFileSpanExporter", "encode_spans_json", "spans_to_otlp_json"]
 
@@ -50,13 +51,35 @@ def _any_value(value: Any) -> dict[str, Any]:
     return {}
 
 
+# Encoded (key, string value) pairs, reused: most attribute values of a service repeat (method,
+# scheme, host, route, client address). Bounded: it is emptied when full.
+_PAIR_CACHE: dict[tuple[str, str], dict[str, Any]] = {}
+_PAIR_CACHE_SIZE = 4096
+
+
 def _attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not attributes:
         return []
-    # The SDK hands out a read-only proxy of BoundedAttributes, which iterates slowly through the
+    # The SDK hands out a read-only proxy of its attributes, which iterates slowly through the
     # Mapping mix-in; its copy() is a plain dict.
     plain = attributes.copy() if hasattr(attributes, "copy") else dict(attributes)
-    return [{"key": key, "value": _any_value(value)} for key, value in plain.items()]
+    encoded = []
+    append = encoded.append
+    cache = _PAIR_CACHE
+    for key, value in plain.items():
+        kind = type(value)
+        if kind is str:
+            pair = cache.get((key, value))
+            if pair is None:
+                if len(cache) >= _PAIR_CACHE_SIZE:
+                    cache.clear()
+                pair = cache[key, value] = {"key": key, "value": {"stringValue": value}}
+            append(pair)
+        elif kind is int:
+            append({"key": key, "value": {"intValue": str(value)}})
+        else:
+            append({"key": key, "value": _any_value(value)})
+    return encoded
 
 
 def _flags(parent: Any) -> int:
@@ -90,6 +113,15 @@ def _link(link: Any) -> dict[str, Any]:
     return encoded
 
 
+_KINDS = {kind: kind.value + 1 for kind in SpanKind}  # OTLP numbers kinds from 1 (0 is unspecified)
+
+
+def _status(status: Status | None) -> dict[str, Any]:
+    if status is None or (status.status_code is StatusCode.UNSET and not status.description):
+        return {}
+    return _without_empty({"code": status.status_code.value, "message": status.description})
+
+
 def _span(span: ReadableSpan) -> dict[str, Any]:
     context = span.get_span_context()
     parent = span.parent
@@ -98,9 +130,11 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
         encoded["traceState"] = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
     if parent is not None:
         encoded["parentSpanId"] = f"{parent.span_id:016x}"
-    encoded["flags"] = _flags(parent)
+        encoded["flags"] = _flags(parent)
+    else:
+        encoded["flags"] = _HAS_IS_REMOTE
     encoded["name"] = span.name
-    encoded["kind"] = span.kind.value + 1
+    encoded["kind"] = _KINDS[span.kind]
     if span.start_time:
         encoded["startTimeUnixNano"] = str(span.start_time)
     if span.end_time:
@@ -109,18 +143,17 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
         encoded["attributes"] = _attributes(span.attributes)
     if span.dropped_attributes:
         encoded["droppedAttributesCount"] = span.dropped_attributes
-    if span.events:
-        encoded["events"] = [_event(event) for event in span.events]
+    events = span.events
+    if events:
+        encoded["events"] = [_event(event) for event in events]
     if span.dropped_events:
         encoded["droppedEventsCount"] = span.dropped_events
-    if span.links:
-        encoded["links"] = [_link(link) for link in span.links]
+    links = span.links
+    if links:
+        encoded["links"] = [_link(link) for link in links]
     if span.dropped_links:
         encoded["droppedLinksCount"] = span.dropped_links
-    status = span.status
-    encoded["status"] = (
-        _without_empty({"code": status.status_code.value, "message": status.description}) if status is not None else {}
-    )
+    encoded["status"] = _status(span.status)
     return encoded
 
 

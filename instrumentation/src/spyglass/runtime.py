@@ -34,7 +34,7 @@ from spyglass.metrics.instruments import HttpServerMetrics, SpanPipelineMetrics
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
 from spyglass.server_span import ServerSpanStarter
-from spyglass.tracing import build_propagator, build_tracer_provider
+from spyglass.tracing import build_propagator, build_sampling_rule, build_tracer_provider
 
 __all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "shutdown"]
 
@@ -202,7 +202,7 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             provider = build_tracer_provider(settings, span_metrics)
             trace.set_tracer_provider(provider)
             tracer = provider.get_tracer("spyglass", __version__)
-            server_spans = ServerSpanStarter(provider, "spyglass", __version__)
+            server_spans = ServerSpanStarter(provider, "spyglass", __version__, build_sampling_rule(settings))
         propagate.set_global_textmap(propagator)
         state = Telemetry(
             settings=settings,

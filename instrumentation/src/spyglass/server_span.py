@@ -39,10 +39,13 @@ from opentelemetry.semconv.attributes.exception_attributes import (
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
+from spyglass.tracing import TRACE_ID_LIMIT, SamplingRule
+
 __all__ = ["ServerSpan", "ServerSpanStarter"]
 
 _logger = logging.getLogger("spyglass.traces")
 _UNSET = Status(StatusCode.UNSET)
+_ERROR = Status(StatusCode.ERROR)
 _EXCEPTION_ESCAPED = "exception.escaped"
 # The four trace-flag values a span can get: sampled or not, random trace id or not.
 _FLAGS = {
@@ -111,14 +114,32 @@ class ServerSpan(trace.Span, ReadableSpan):
         for key, value in attributes.items():
             bounded[key] = value
 
-    def set_instrumentation_attributes(self, attributes: Mapping[str, Any]) -> None:
-        """Set attributes the instrumentation built itself (strings, ints, bools: no validation needed)."""
+    def finish(
+        self,
+        attributes: Mapping[str, Any],
+        name: str | None = None,
+        exception: BaseException | None = None,
+        error: bool = False,
+    ) -> None:
+        """End the span as the instrumentation sees the request finish, in one call.
+
+        Sets ``attributes`` (built by the instrumentation: valid by construction) and ``name``,
+        records ``exception`` and, if ``error``, sets an ERROR status (unless the application set
+        OK). Does nothing if application code already ended the span.
+        """
         if self._end_time is not None:
             return
+        if name is not None:
+            self._name = name
         if type(self._attributes) is dict:
             self._attributes.update(attributes)
         else:
             self.set_attributes(attributes)
+        if exception is not None:
+            self.record_exception(exception)
+        if error:
+            self.set_status(_ERROR)
+        self.end()
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         """Add a timestamped event (at most ``OTEL_SPAN_EVENT_COUNT_LIMIT``)."""
@@ -192,8 +213,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         if self._ended("end"):
             return
         self._end_time = end_time if end_time is not None else time_ns()
-        if isinstance(self._attributes, BoundedAttributes):
-            self._attributes._immutable = True  # the SDK freezes them the same way
+        if type(self._attributes) is not dict:  # bounded: the SDK freezes them the same way
+            self._attributes._immutable = True  # type: ignore[attr-defined]
         self._starter.processor.on_end(self)
 
     def __exit__(
@@ -207,6 +228,23 @@ class ServerSpan(trace.Span, ReadableSpan):
             self.record_exception(exc_val, escaped=True)
             self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
         self.end()
+
+    # -- read access for exporters (the SDK's checks, without its slow ABC isinstance) -----------
+    @property
+    def dropped_attributes(self) -> int:
+        """Attributes left out by the count limit."""
+        attributes = self._attributes
+        return 0 if type(attributes) is dict else getattr(attributes, "dropped", 0)
+
+    @property
+    def dropped_events(self) -> int:
+        """Events left out by the count limit."""
+        return getattr(self._events, "dropped", 0)
+
+    @property
+    def dropped_links(self) -> int:
+        """Links left out by the count limit."""
+        return getattr(self._links, "dropped", 0)
 
     # -- helpers -------------------------------------------------------------------------------
     def _ended(self, operation: str) -> bool:
@@ -230,7 +268,17 @@ class ServerSpan(trace.Span, ReadableSpan):
 class ServerSpanStarter:
     """Starts :class:`ServerSpan` objects on a tracer provider's sampler, ids, resource and processors."""
 
-    def __init__(self, provider: TracerProvider, scope_name: str, scope_version: str) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        scope_name: str,
+        scope_version: str,
+        rule: SamplingRule | None = None,
+    ) -> None:
+        """Use ``provider``'s pipeline; ``rule`` stands in for its sampler, which must decide the same.
+
+        Without a rule, the provider's sampler is called for every span.
+        """
         processor = getattr(provider, "_active_span_processor", None)
         if not isinstance(processor, SpanProcessor):  # pragma: no cover - guards an SDK upgrade
             raise TypeError("this OpenTelemetry SDK version hides its span processors from spyglass")
@@ -239,14 +287,18 @@ class ServerSpanStarter:
         self.scope = InstrumentationScope(scope_name, scope_version)
         self.limits = SpanLimits()
         self._sampler = provider.sampler
+        self._rule = rule
         self._ids = provider.id_generator
         self._random_ids = self._ids.is_trace_id_random()
 
-    def start(self, name: str, parent_context: otel_context.Context | None, attributes: dict[str, Any]) -> trace.Span:
+    def start(
+        self, name: str, parent_context: otel_context.Context | None, attributes: dict[str, Any]
+    ) -> tuple[trace.Span, int, int, bool]:
         """Start a SERVER span under ``parent_context`` (the current context when ``None``).
 
         ``attributes`` must hold valid attribute values (strings, numbers, booleans); the dict
-        becomes the span's. Returns a ``NonRecordingSpan`` when the sampler drops the trace.
+        becomes the span's. Returns the span (a :class:`ServerSpan`, or a ``NonRecordingSpan``
+        when the sampler drops the trace) with its trace id, span id and sampled flag.
         """
         start_time = time_ns()
         parent: SpanContext | None = trace.get_current_span(parent_context).get_span_context()
@@ -258,26 +310,44 @@ class ServerSpanStarter:
         else:
             trace_id = parent.trace_id
             random = parent.trace_flags.random_trace_id
-        result = self._sampler.should_sample(parent_context, trace_id, name, SpanKind.SERVER, attributes)
-        decision = result.decision
-        context = SpanContext(
-            trace_id,
-            ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[decision.is_sampled(), random],
-            trace_state=result.trace_state,
-        )
-        if not decision.is_recording():
-            return NonRecordingSpan(context)
-        sampled_attributes = result.attributes
-        if len(sampled_attributes) != len(attributes) or sampled_attributes != attributes:
-            # The sampler chose the attributes (as the SDK's tracer honours): validate them.
-            limits = self.limits
-            span_attributes: MutableMapping[str, Any] = BoundedAttributes(
-                limits.max_span_attributes, sampled_attributes, max_value_len=limits.max_span_attribute_length
+        span_id = ids.generate_span_id()
+        rule = self._rule
+        if rule is not None:
+            if parent is not None and rule.parent_based:
+                sampled = parent.trace_flags.sampled
+            else:
+                sampled = trace_id & TRACE_ID_LIMIT < rule.bound
+            context = SpanContext(
+                trace_id,
+                span_id,
+                is_remote=False,
+                trace_flags=_FLAGS[sampled, random],
+                trace_state=parent.trace_state if parent is not None else None,
             )
+            if not sampled:
+                return NonRecordingSpan(context), trace_id, span_id, False
+            span_attributes: MutableMapping[str, Any] = attributes
         else:
-            span_attributes = attributes
+            result = self._sampler.should_sample(parent_context, trace_id, name, SpanKind.SERVER, attributes)
+            context = SpanContext(
+                trace_id,
+                span_id,
+                is_remote=False,
+                trace_flags=_FLAGS[result.decision.is_sampled(), random],
+                trace_state=result.trace_state,
+            )
+            sampled = result.decision.is_sampled()
+            if not result.decision.is_recording():
+                return NonRecordingSpan(context), trace_id, span_id, sampled
+            sampled_attributes = result.attributes
+            if len(sampled_attributes) != len(attributes) or sampled_attributes != attributes:
+                # The sampler chose the attributes (as the SDK's tracer honours): validate them.
+                limits = self.limits
+                span_attributes = BoundedAttributes(
+                    limits.max_span_attributes, sampled_attributes, max_value_len=limits.max_span_attribute_length
+                )
+            else:
+                span_attributes = attributes
         span = ServerSpan(self, name, context, parent, span_attributes, start_time)
         self.processor.on_start(span, parent_context=parent_context)
-        return span
+        return span, trace_id, span_id, sampled

@@ -21,7 +21,6 @@ from typing import Any
 import flask
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 from werkzeug.wsgi import ClosingIterator
 
 from spyglass import runtime
@@ -219,8 +218,8 @@ class FlaskInstrumentation:
         method = raw_method if raw_method in self._known_methods else "_OTHER"
         state = _RequestState(method, raw_method, path)
         environ[STATE_KEY] = state
-        state.active = self._metrics.active(method)
-        state.active.inc()
+        active = state.active = self._metrics.active(method)
+        active.inc(1)
         token = None
         if self._spans is not None:
             token = self._start_span(environ, state)
@@ -276,12 +275,13 @@ class FlaskInstrumentation:
         query = environ.get("QUERY_STRING")
         if query:
             attributes["url.query"] = _clip(self._redactor.redact_query(query))
-        span = self._spans.start("HTTP" if method == "_OTHER" else method, parent, attributes)  # type: ignore[union-attr]
-        span_context = span.get_span_context()
+        span, trace_id, span_id, sampled = self._spans.start(  # type: ignore[union-attr]
+            "HTTP" if method == "_OTHER" else method, parent, attributes
+        )
         state.span = span
-        state.trace_hex = f"{span_context.trace_id:032x}"
-        state.span_hex = f"{span_context.span_id:016x}"
-        state.sampled = span_context.trace_flags.sampled
+        state.trace_hex = f"{trace_id:032x}"
+        state.span_hex = f"{span_id:016x}"
+        state.sampled = sampled
         state.context = trace.set_span_in_context(span, parent)
         return otel_context.attach(state.context)
 
@@ -291,50 +291,38 @@ class FlaskInstrumentation:
         state.done = True
         duration = perf_counter() - state.start
         status = state.status[:3] if state.status else "500"
+        status_code = int(status)
         route = state.route or UNMATCHED_ROUTE
         method = state.method
         span = state.span
-        if span is not None:
-            if span.is_recording():
-                self._end_span_attributes(span, state, status)  # type: ignore[arg-type]
-            span.end()
+        if type(span) is ServerSpan:  # recording (a dropped trace has a NonRecordingSpan)
+            self._finish_span(span, state, status_code)
         if state.sampled:
             self._metrics.observe(method, route, status, duration, state.trace_hex, state.span_hex)
         else:
             self._metrics.observe(method, route, status, duration)
-        state.active.dec()
+        state.active.inc(-1)
         if self._access_log is not None:
-            fields: dict[str, Any] = {
-                "http.request.method": method,
-                "http.route": route,
-                "url.path": state.path,
-                "http.response.status_code": int(status),
-                "http.server.request.duration": round(duration, 6),
-            }
-            if state.trace_hex:
-                fields["trace_id"] = state.trace_hex
-                fields["span_id"] = state.span_hex
-            self._access_log.write(fields, error=status[0] == "5")
+            self._access_log.http_request(
+                method, route, state.path, status_code, duration, state.trace_hex, state.span_hex
+            )
 
     @staticmethod
-    def _end_span_attributes(span: ServerSpan, state: _RequestState, status: str) -> None:
-        attributes: dict[str, Any] = {"http.response.status_code": int(status)}
+    def _finish_span(span: ServerSpan, state: _RequestState, status_code: int) -> None:
+        attributes: dict[str, Any] = {"http.response.status_code": status_code}
+        name = None
         if state.route is not None:
             attributes["http.route"] = state.route
-            name_method = "HTTP" if state.method == "_OTHER" else state.method
-            span.update_name(f"{name_method} {state.route}")
+            name = f"{'HTTP' if state.method == '_OTHER' else state.method} {state.route}"
         exception = state.exception
         if exception is not None:
-            span.record_exception(exception)
             kind = type(exception)
             attributes["error.type"] = (
                 f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
             )
-        elif status[0] == "5":
-            attributes["error.type"] = status
-        span.set_instrumentation_attributes(attributes)
-        if status[0] == "5" or exception is not None:
-            span.set_status(Status(StatusCode.ERROR))
+        elif status_code >= 500:
+            attributes["error.type"] = str(status_code)
+        span.finish(attributes, name, exception, error=status_code >= 500 or exception is not None)
 
 
 def instrument_flask(app: flask.Flask) -> flask.Flask:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from bisect import bisect_left
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.samples import Exemplar
 
 from spyglass.catalog import MetricSpec, by_name
 from spyglass.metrics.exemplars import ExemplarFile
@@ -67,15 +70,15 @@ class HttpServerMetrics(_Registered):
         self._labelnames = duration_spec.labels
         self._bounds = (*duration_spec.buckets, float("inf"))
         self._exemplars = exemplars
-        self._children: dict[tuple[str, str, str], Histogram] = {}
-        self._active_children: dict[str, Gauge] = {}
+        self._children: dict[tuple[str, str, str], _FastHistogram] = {}
+        self._active_children: dict[str, _Value] = {}
 
-    def active(self, method: str) -> Gauge:
-        """The in-flight gauge for ``method`` (call ``inc``/``dec`` on it)."""
-        child = self._active_children.get(method)
-        if child is None:
-            child = self._active_children[method] = self._active.labels(method)
-        return child
+    def active(self, method: str) -> _Value:
+        """The in-flight count for ``method``: call ``inc(1)`` when a request starts, ``inc(-1)`` when it ends."""
+        value = self._active_children.get(method)
+        if value is None:
+            value = self._active_children[method] = _value_of(self._active.labels(method))
+        return value
 
     def observe(
         self,
@@ -90,23 +93,63 @@ class HttpServerMetrics(_Registered):
         series = (method, route, status)
         child = self._children.get(series)
         if child is None:
-            child = self._children[series] = self._duration.labels(*series)
+            child = self._children[series] = _FastHistogram(self._duration.labels(*series), self._bounds)
+        index = bisect_left(self._bounds, seconds)
+        child.sum.inc(seconds)
+        bucket = child.buckets[index]
+        bucket.inc(1)
         if not trace_id:
-            child.observe(seconds)
-        elif self._exemplars is None:
-            child.observe(seconds, {"trace_id": trace_id, "span_id": span_id})
+            return
+        now = time.time()
+        if self._exemplars is None:
+            bucket.set_exemplar(Exemplar({"trace_id": trace_id, "span_id": span_id}, seconds, now))
         else:
-            child.observe(seconds)
             self._exemplars.record(
                 self._family,
                 series,
                 self._labelnames,
                 self._bounds,
                 seconds,
-                time.time(),
+                now,
                 bytes.fromhex(trace_id),
                 bytes.fromhex(span_id),
             )
+
+
+class _Value(Protocol):
+    """A prometheus_client value cell (in memory, or in a multi-process mmap file)."""
+
+    def inc(self, amount: float) -> None: ...
+
+    def set_exemplar(self, exemplar: Exemplar) -> None: ...
+
+
+def _value_of(child: Counter | Gauge) -> _Value:
+    """The value cell behind a labelled child: incrementing it skips the per-call observability checks."""
+    value = getattr(child, "_value", None)
+    if value is None or not hasattr(value, "inc"):  # pragma: no cover - guards a prometheus_client upgrade
+        raise TypeError("this prometheus_client version hides its metric values from spyglass")
+    return value
+
+
+class _FastHistogram:
+    """The sum and bucket cells of a labelled histogram child, for recording without per-call checks.
+
+    ``Histogram.observe`` validates the child and every exemplar on each call and scans the bucket
+    bounds in Python; the request path needs none of that: its values and exemplar labels are
+    valid by construction, and the bucket is found by bisection.
+    """
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self, child: Histogram, bounds: tuple[float, ...]) -> None:
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        if buckets is None or total is None or tuple(getattr(child, "_upper_bounds", ())) != bounds:
+            # pragma: no cover - guards a prometheus_client upgrade
+            raise TypeError("this prometheus_client version hides its histogram values from spyglass")
+        self.sum: _Value = total
+        self.buckets: list[_Value] = buckets
 
 
 class SpanPipelineMetrics(_Registered):
