@@ -8,6 +8,7 @@ from pathlib import Path
 
 import flask
 import pytest
+import structlog
 from opentelemetry import trace
 from prometheus_client import REGISTRY
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
@@ -202,6 +203,38 @@ def test_log_lines_are_single_json_objects_with_redacted_secrets(instrumented, c
     assert note["credentials"] == "[REDACTED]"
     access = next(record for record in records if record["event"] == "request")
     assert access["trace_id"] == note["trace_id"] and access["span_id"] == note["span_id"]
+
+
+def test_access_lines_of_hostile_paths_are_single_valid_json_objects(instrumented, capfd) -> None:
+    """Quotes, backslashes, control characters and non-ASCII in a path stay inside one valid line."""
+    app, _ = instrumented()
+    client = app.test_client()
+    paths = ['/a"b', "/back\\slash", "/new%0Aline%0D%1B", "/caf%C3%A9", '/x"}%0A{"event":"forged"']
+    for path in paths:
+        client.get(path)
+    structlog.contextvars.bind_contextvars(request_id="r-1")
+    try:
+        client.get("/orders/3")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    records = [json.loads(line) for line in output(capfd).splitlines() if line.strip()]
+    access = [record for record in records if record["event"] == "request"]
+    assert [record["url.path"] for record in access] == [
+        '/a"b',
+        "/back\\slash",
+        "/new\nline\r\x1b",
+        "/caf\u00c3\u00a9",  # WSGI paths are bytes decoded as latin-1
+        '/x"}\n{"event":"forged"',
+        "/orders/3",
+    ]
+    assert not any(record["event"] == "forged" for record in records)
+    for record in access:
+        assert set(record) >= {"timestamp", "level", "logger", "service.name", "trace_id", "span_id"}
+        assert record["level"] == "info" and record["service.name"] == "unit"
+        assert isinstance(record["http.server.request.duration"], float)
+        assert isinstance(record["http.response.status_code"], int)
+    assert access[-1]["request_id"] == "r-1"
+    assert access[-1]["http.route"] == "/orders/<int:order_id>"
 
 
 def test_console_format_escapes_control_characters(instrumented, capfd) -> None:

@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
 from spyglass.config import SAMPLERS, load_settings
+from spyglass.sampling import build_sampler, build_sampling_rule
 from spyglass.server_span import ServerSpanStarter
-from spyglass.tracing import build_sampler, build_sampling_rule
 
 ATTRIBUTES = {"http.request.method": "GET", "url.path": "/"}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, MutableMapping
@@ -253,6 +254,8 @@ class AccessLog:
         self._service_name = settings.service_name
         self._redactor = Redactor(settings.redact_keys)
         self._fallback = get_logger("spyglass.access") if _writer is None else None
+        self._service_json = _json_string(settings.service_name)
+        self._json_cache: dict[str, str] = {}
 
     def http_request(
         self, method: str, route: str, path: str, status: int, seconds: float, trace_id: str, span_id: str
@@ -275,8 +278,45 @@ class AccessLog:
             logger = self._fallback or get_logger("spyglass.access")
             (logger.error if error else logger.info)("request", **fields)
             return
-        # One dict, in the order of the other lines' keys.
+        bound = structlog.contextvars.get_contextvars()
+        if bound:
+            writer.write(self._line_with_context(bound, method, route, path, status, seconds, trace_id, span_id, error))
+            return
+        # The common case, rendered from a template: method and route come from small fixed
+        # sets (their JSON is cached) and only the path, which a client chooses, may need escaping.
+        ids = f',"trace_id":"{trace_id}","span_id":"{span_id}"' if trace_id else ""
+        path_json = _json_string(path) if _NEEDS_ESCAPE(path) else '"' + path + '"'
+        line = (
+            f'{{"event":"request","level":"{"error" if error else "info"}","logger":"spyglass.access",'
+            f'"http.request.method":{self._json(method)},"http.route":{self._json(route)},'
+            f'"url.path":{path_json},'
+            f'"http.response.status_code":{status},"http.server.request.duration":{seconds:.6f},'
+            f'"timestamp":"{_utc_timestamp()}","service.name":{self._service_json}{ids}}}\n'
+        )
+        writer.write(line.encode("utf-8", "backslashreplace"))
+
+    def _json(self, value: str) -> str:
+        encoded = self._json_cache.get(value)
+        if encoded is None:
+            encoded = _json_string(value)
+            if len(self._json_cache) < 4096:
+                self._json_cache[value] = encoded
+        return encoded
+
+    def _line_with_context(
+        self,
+        bound: dict[str, Any],
+        method: str,
+        route: str,
+        path: str,
+        status: int,
+        seconds: float,
+        trace_id: str,
+        span_id: str,
+        error: bool,
+    ) -> bytes:
         record: dict[str, Any] = {
+            **self._redactor.redact_mapping(bound),
             "event": "request",
             "level": "error" if error else "info",
             "logger": "spyglass.access",
@@ -291,14 +331,22 @@ class AccessLog:
         if trace_id:
             record["trace_id"] = trace_id
             record["span_id"] = span_id
-        bound = structlog.contextvars.get_contextvars()
-        if bound:
-            record = {**self._redactor.redact_mapping(bound), **record}
         try:
-            line = orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+            return orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
         except orjson.JSONEncodeError:  # lone surrogates in a bound value: the stdlib escapes them
-            line = json.dumps(record, default=repr).encode("ascii") + b"\n"
-        writer.write(line)
+            return json.dumps(record, default=repr).encode("ascii") + b"\n"
+
+
+def _json_string(value: str) -> str:
+    """``value`` as a JSON string literal (lone surrogates escaped rather than rejected)."""
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+
+
+# Characters JSON must escape inside a string (lone surrogates cannot be encoded as they are).
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\ud800-\udfff]').search
 
 
 def get_logger(name: str = "app", **initial_values: Any) -> Any:

@@ -33,8 +33,9 @@ from spyglass.metrics.exemplars import ExemplarFile
 from spyglass.metrics.instruments import HttpServerMetrics, SpanPipelineMetrics
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
+from spyglass.sampling import build_sampling_rule
 from spyglass.server_span import ServerSpanStarter
-from spyglass.tracing import build_propagator, build_sampling_rule, build_tracer_provider
+from spyglass.tracing import build_propagator, build_tracer_provider
 
 __all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "shutdown"]
 

@@ -39,7 +39,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
-from spyglass.tracing import TRACE_ID_LIMIT, SamplingRule
+from spyglass.sampling import TRACE_ID_LIMIT, SamplingRule
 
 __all__ = ["ServerSpan", "ServerSpanStarter"]
 
@@ -82,6 +82,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._starter = starter
         self._name = name
         self._context = context
+        self._trace_id = context.trace_id
+        self._span_id = context.span_id
         self._parent = parent
         self._attributes = attributes
         self._start_time = start_time

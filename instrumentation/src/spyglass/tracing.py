@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -22,31 +21,15 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    TraceIdRatioBased,
-)
-from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from spyglass import __version__
 from spyglass.config import Settings
 from spyglass.metrics.instruments import SpanPipelineMetrics
 from spyglass.otlp_json import OtlpJsonFileSpanExporter
+from spyglass.sampling import build_sampler
 
-__all__ = [
-    "TRACE_ID_LIMIT",
-    "CountingSpanExporter",
-    "SamplingRule",
-    "build_propagator",
-    "build_resource",
-    "build_sampler",
-    "build_sampling_rule",
-    "build_tracer_provider",
-]
+__all__ = ["CountingSpanExporter", "build_propagator", "build_resource", "build_tracer_provider"]
 
 _logger = logging.getLogger("spyglass.traces")
 
@@ -58,57 +41,6 @@ def build_resource(settings: Settings) -> Resource:
     attributes["telemetry.distro.name"] = "spyglass"
     attributes["telemetry.distro.version"] = __version__
     return Resource.create(attributes)
-
-
-def build_sampler(settings: Settings) -> Sampler:
-    """The sampler named by ``OTEL_TRACES_SAMPLER`` (and ``OTEL_TRACES_SAMPLER_ARG``)."""
-    name = settings.traces_sampler
-    if name == "always_on":
-        return ALWAYS_ON
-    if name == "always_off":
-        return ALWAYS_OFF
-    if name == "traceidratio":
-        return TraceIdRatioBased(settings.traces_sampler_arg)
-    if name == "parentbased_always_off":
-        return ParentBased(ALWAYS_OFF)
-    if name == "parentbased_traceidratio":
-        return ParentBased(TraceIdRatioBased(settings.traces_sampler_arg))
-    return ParentBased(ALWAYS_ON)
-
-
-@dataclass(frozen=True)
-class SamplingRule:
-    """What the standard samplers decide, as data: the request hot path applies it without calls.
-
-    A trace is sampled when ``parent_based`` and it has a valid parent whose sampled flag is set
-    or, without such a parent (or when not parent based), when the low 64 bits of its id are
-    below ``bound`` (the SDK's ``TraceIdRatioBased`` rule; 0 never samples, 2**64 always does).
-    The standard samplers keep the parent's trace state and add no attribute.
-    """
-
-    parent_based: bool
-    bound: int
-
-    def sampled(self, parent: SpanContext | None, trace_id: int) -> bool:
-        """The decision for a trace id under a valid parent (or ``None``)."""
-        if parent is not None and self.parent_based:
-            return parent.trace_flags.sampled
-        return trace_id & TRACE_ID_LIMIT < self.bound
-
-
-TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
-
-
-def build_sampling_rule(settings: Settings) -> SamplingRule:
-    """The rule of :func:`build_sampler`'s sampler (tested against the SDK's samplers for every setting)."""
-    name = settings.traces_sampler
-    if name.endswith("always_on"):
-        rate = 1.0
-    elif name.endswith("always_off"):
-        rate = 0.0
-    else:
-        rate = settings.traces_sampler_arg
-    return SamplingRule(parent_based=name.startswith("parentbased_"), bound=TraceIdRatioBased.get_bound_for_rate(rate))
 
 
 def build_propagator(settings: Settings) -> TextMapPropagator:
