@@ -21,6 +21,9 @@ $(STAMP): constraints.txt requirements-dev.txt instrumentation/pyproject.toml
 
 venv: $(STAMP)
 
+# `make bench` also counts instructions with valgrind.
+BENCH_BINARIES := valgrind:valgrind
+
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINARIES); do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
@@ -44,6 +47,7 @@ demo: $(STAMP) system-deps
 	$(PY) -m demo_app.native
 
 bench: $(STAMP)
+	$(MAKE) --no-print-directory system-deps SYSTEM_BINARIES="$(BENCH_BINARIES)"
 	$(PY) -m benchmarks.run
 
 docs: $(STAMP)

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks import instructions
 from benchmarks.http_overhead import VARIANTS, variant_environment
 
 __all__ = ["BenchmarkError", "Summary", "main", "render_report", "run_benchmark"]
@@ -277,6 +278,43 @@ def render_table(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines)
 
 
+def _instruction_ratio(counts: dict[str, float]) -> float | None:
+    if not {BASELINE, TARGET_NUMERATOR, TARGET_DENOMINATOR} <= counts.keys():
+        return None
+    denominator = counts[TARGET_DENOMINATOR] - counts[BASELINE]
+    return (counts[TARGET_NUMERATOR] - counts[BASELINE]) / denominator if denominator > 0 else None
+
+
+def render_instruction_table(counts: dict[str, float]) -> list[str]:
+    """The instructions-per-request section (empty when they were not counted)."""
+    if not counts or BASELINE not in counts:
+        return []
+    base = counts[BASELINE]
+    lines = [
+        "",
+        "## Instructions per request (valgrind: deterministic)",
+        "",
+        "CPU time on this shared virtual machine varies by tens of percent from run to run; the number of "
+        "instructions executed does not. Each variant ran twice under `valgrind --tool=callgrind` (all "
+        "threads, so span export is included), serving 500 and 2,500 timed requests; the difference per "
+        "extra request is shown. Instructions are not time (memory stalls and system calls are not "
+        "counted), so this confirms the direction of the CPU figures rather than replacing them.",
+        "",
+        f"| Variant | Instructions/req | Added | {TIMES} baseline |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, count in counts.items():
+        added = DASH if name == BASELINE else f"{count - base:+,.0f}"
+        lines.append(f"| {name} | {count:,.0f} | {added} | {count / base:.2f} |")
+    ratio = _instruction_ratio(counts)
+    if ratio is not None:
+        lines += [
+            "",
+            f"{TARGET_NUMERATOR} added ÷ {TARGET_DENOMINATOR} added, in instructions: {ratio:.2f}.",
+        ]
+    return lines
+
+
 def _key_figure_lines(summaries: Sequence[Summary]) -> list[str]:
     by_name = {summary.name: summary for summary in summaries}
     ratio, verdict = target_verdict(summaries)
@@ -329,7 +367,13 @@ def _breakdown_lines(summaries: Sequence[Summary]) -> list[str]:
     return lines
 
 
-def render_report(summaries: Sequence[Summary], repetitions: int, warmup: int, requests: int) -> str:
+def render_report(
+    summaries: Sequence[Summary],
+    repetitions: int,
+    warmup: int,
+    requests: int,
+    instruction_counts: dict[str, float] | None = None,
+) -> str:
     """Render the whole of docs/performance.md."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     variants = "\n".join(f"- `{s.name}`: {DESCRIPTIONS.get(s.name, '')}" for s in summaries)
@@ -349,6 +393,7 @@ def render_report(summaries: Sequence[Summary], repetitions: int, warmup: int, r
             *_key_figure_lines(summaries),
             *_dropped_spans_note(summaries),
             *_breakdown_lines(summaries),
+            *render_instruction_table(instruction_counts or {}),
             "",
             "## Machine",
             "",
@@ -388,10 +433,16 @@ def render_report(summaries: Sequence[Summary], repetitions: int, warmup: int, r
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table and write the report; non-zero only if a measurement failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repetitions", type=int, default=5, help="measurement processes per variant")
+    parser.add_argument("--repetitions", type=int, default=7, help="measurement processes per variant")
     parser.add_argument("--warmup", type=int, default=2_000, help="untimed requests per process")
     parser.add_argument("--requests", type=int, default=20_000, help="timed requests per process")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the Markdown report")
+    parser.add_argument(
+        "--instructions",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also count instructions per request with valgrind (auto: when valgrind is installed)",
+    )
     args = parser.parse_args(argv)
     if min(args.repetitions, args.warmup + 1, args.requests) < 1:
         parser.error("--repetitions and --requests must be positive, --warmup not negative")
@@ -401,7 +452,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    report = render_report(summaries, args.repetitions, args.warmup, args.requests)
+    counts: dict[str, float] = {}
+    if args.instructions == "yes" or (args.instructions == "auto" and instructions.valgrind_available()):
+        print("counting instructions per request under valgrind (a few minutes)", file=sys.stderr, flush=True)
+        try:
+            counts = instructions.measure_variants(
+                list(VARIANTS),
+                _clean_environment(),
+                progress=lambda name, count: print(f"  {name:<26} {count:12,.0f} instructions/req", file=sys.stderr),
+            )
+        except (instructions.InstructionCountError, subprocess.TimeoutExpired) as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            return 1
+    report = render_report(summaries, args.repetitions, args.warmup, args.requests, counts)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report, encoding="utf-8")
     print(report)

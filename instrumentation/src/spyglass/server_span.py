@@ -75,6 +75,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         starter: ServerSpanStarter,
         name: str,
         context: SpanContext,
+        trace_id: int,
+        span_id: int,
         parent: SpanContext | None,
         attributes: MutableMapping[str, Any],
         start_time: int,
@@ -82,8 +84,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._starter = starter
         self._name = name
         self._context = context
-        self._trace_id = context.trace_id
-        self._span_id = context.span_id
+        self._trace_id = trace_id
+        self._span_id = span_id
         self._parent = parent
         self._attributes = attributes
         self._start_time = start_time
@@ -141,7 +143,7 @@ class ServerSpan(trace.Span, ReadableSpan):
             self.record_exception(exception)
         if error:
             self.set_status(_ERROR)
-        self.end()
+        self._end(time_ns())
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         """Add a timestamped event (at most ``OTEL_SPAN_EVENT_COUNT_LIMIT``)."""
@@ -214,7 +216,10 @@ class ServerSpan(trace.Span, ReadableSpan):
         """End the span and hand it to the span processors (a second call only warns)."""
         if self._ended("end"):
             return
-        self._end_time = end_time if end_time is not None else time_ns()
+        self._end(end_time if end_time is not None else time_ns())
+
+    def _end(self, end_time: int) -> None:
+        self._end_time = end_time
         if type(self._attributes) is not dict:  # bounded: the SDK freezes them the same way
             self._attributes._immutable = True  # type: ignore[attr-defined]
         self._starter.processor.on_end(self)
@@ -350,6 +355,6 @@ class ServerSpanStarter:
                 )
             else:
                 span_attributes = attributes
-        span = ServerSpan(self, name, context, parent, span_attributes, start_time)
+        span = ServerSpan(self, name, context, trace_id, span_id, parent, span_attributes, start_time)
         self.processor.on_start(span, parent_context=parent_context)
         return span, trace_id, span_id, sampled

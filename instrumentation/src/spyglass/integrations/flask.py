@@ -95,7 +95,7 @@ def _capture_response(response: flask.Response) -> flask.Response:
     A body is complete when it is a list, or when Flask converted a werkzeug response (error
     pages of ``abort``/404/405) into a closing iterator over text it already holds.
     """
-    request = flask.request
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not three
     state = request.environ.get(STATE_KEY)
     if state is not None:
         rule = request.url_rule
