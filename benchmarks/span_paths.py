@@ -1,10 +1,11 @@
-"""Micro-benchmark: the cost of one SERVER span through the SDK's span object vs a one-shot ReadableSpan.
+"""Micro-benchmark: one SERVER span through the SDK's span object vs spyglass's ServerSpan.
 
     .venv/bin/python -m benchmarks.span_paths
 
-Not part of `make bench`: it measures the idea behind the next optimisation of the Flask hot path
-(record the request in a light object, hand the SDK's processors one finished ``ReadableSpan``),
-which is only sound once user code can still enrich the current span (see docs/performance.md).
+Not part of `make bench` (which measures whole requests): it isolates the request thread's CPU
+for the span itself, the part of the request path that `spyglass.server_span` replaces. Both
+paths use the same provider, sampler, batch processor and exporter; see docs/architecture.md
+("The hot path of a request").
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ def _measure(label: str, one: Callable[[], None]) -> float:
 
 
 def main() -> None:
-    """Measure both paths against the same provider, processor and file exporter."""
+    """Measure both paths against the same provider, processor and file exporter (to /dev/null)."""
     os.environ.update(SPYGLASS_METRICS_PORT="0", OTEL_TRACES_EXPORTER="none", SPYGLASS_LOG_FLUSH_INTERVAL="1")
     from opentelemetry import context, trace
-    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+    from opentelemetry.trace import SpanKind
 
     from spyglass import runtime
     from spyglass.otlp_json import OtlpJsonFileSpanExporter
@@ -60,33 +60,17 @@ def main() -> None:
         span.update_name("GET /")
         span.end()
 
-    ids, sampler, resource = provider.id_generator, provider.sampler, provider.resource
-    scope = tracer._instrumentation_scope  # private, but this is a measurement, not product code
-    processor = provider._active_span_processor
+    starter = telemetry.server_spans
+    assert starter is not None
 
-    def one_shot_span() -> None:
-        start = time.time_ns()
-        trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
-        sampler.should_sample(None, trace_id, "GET", SpanKind.SERVER, ATTRIBUTES)
-        span_context = SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED))
-        context.detach(context.attach(trace.set_span_in_context(NonRecordingSpan(span_context))))
-        attributes = {**ATTRIBUTES, "http.response.status_code": 200, "http.route": "/"}
-        processor.on_end(
-            ReadableSpan(
-                name="GET /",
-                context=span_context,
-                resource=resource,
-                attributes=attributes,
-                kind=SpanKind.SERVER,
-                start_time=start,
-                end_time=time.time_ns(),
-                instrumentation_scope=scope,
-            )
-        )
+    def server_span() -> None:
+        span, _trace_id, _span_id, _sampled = starter.start("GET", None, dict(ATTRIBUTES))
+        context.detach(context.attach(trace.set_span_in_context(span)))
+        span.finish({"http.response.status_code": 200, "http.route": "/"}, "GET /")
 
     sdk = _measure("SDK span object", sdk_span)
-    lean = _measure("one-shot ReadableSpan", one_shot_span)
-    print(f"one-shot ÷ SDK = {lean / sdk:.2f}", file=sys.stderr)
+    lean = _measure("spyglass ServerSpan", server_span)
+    print(f"ServerSpan ÷ SDK = {lean / sdk:.2f}", file=sys.stderr)
     runtime.shutdown()
 
 

@@ -59,7 +59,9 @@ class ServerSpan(trace.Span, ReadableSpan):
     """A recording SERVER span: the API of a span while it runs, a ``ReadableSpan`` once ended.
 
     Create it with :meth:`ServerSpanStarter.start`. After :meth:`end`, changes are ignored with a
-    warning, as the SDK does.
+    warning, as the SDK does. Unlike the SDK's span it takes no lock of its own: it is meant to be
+    changed by the thread handling the request (attributes, once user code sets one, live in the
+    SDK's ``BoundedAttributes``, which does lock).
     """
 
     # Defaults shared by every instance: most requests add no event or link and set no status.
