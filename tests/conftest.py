@@ -166,3 +166,30 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
         if result or time.monotonic() > deadline:
             return result
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis to use as Celery broker: the machine's on 127.0.0.1:6379, or one started for the tests."""
+    import redis
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        pass
+    else:
+        yield "redis://127.0.0.1:6379/11"
+        return
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, server)
+        yield f"redis://127.0.0.1:{port}/11"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

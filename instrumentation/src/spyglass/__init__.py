@@ -1,11 +1,12 @@
 """spyglass: traces, metrics and JSON logs for Flask and Celery services, from one import.
 
-``import spyglass.auto`` instruments every Flask app of the process. For explicit control::
+``import spyglass.auto`` instruments every Flask and Celery app of the process. For explicit control::
 
     import spyglass
 
-    spyglass.init()                 # reads OTEL_* and SPYGLASS_* variables; idempotent
-    spyglass.instrument_flask(app)  # one app only
+    spyglass.init()                  # reads OTEL_* and SPYGLASS_* variables; idempotent
+    spyglass.instrument_flask(app)   # one Flask app only
+    spyglass.instrument_celery(app)  # one Celery app only
 
 See ``docs/configuration.md`` for every setting.
 """
@@ -23,12 +24,14 @@ __all__ = [
     "__version__",
     "get_logger",
     "init",
+    "instrument_celery",
     "instrument_flask",
     "load_settings",
     "shutdown",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    import celery
     import flask
 
     from spyglass.config import ConfigError, Settings, load_settings
@@ -63,6 +66,13 @@ def instrument_flask(app: flask.Flask) -> flask.Flask:
     from spyglass.integrations.flask import instrument_flask as _instrument_flask
 
     return _instrument_flask(app)
+
+
+def instrument_celery(app: celery.Celery) -> celery.Celery:
+    """Instrument a Celery app's publishing (more to come); calls :func:`init` first if needed. Returns the app."""
+    from spyglass.integrations.celery import instrument_celery as _instrument_celery
+
+    return _instrument_celery(app)
 
 
 def shutdown(timeout_millis: int = 10000) -> None:

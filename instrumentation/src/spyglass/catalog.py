@@ -184,6 +184,17 @@ CATALOG: tuple[MetricSpec, ...] = (
         description="Worker processes living under the serving process (gunicorn workers, pool children).",
         source="process",
     ),
+    MetricSpec(
+        name="celery_task_published_total",
+        type="counter",
+        unit="1",
+        labels=("task_name", "queue"),
+        description=(
+            "Task messages published by this service (web or worker), by task and routing key (the queue "
+            "with Celery's default exchange); task names the app does not register are `<unregistered>`."
+        ),
+        source="celery",
+    ),
 )
 
 _BY_NAME = {spec.name: spec for spec in CATALOG}

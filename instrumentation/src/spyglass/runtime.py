@@ -30,7 +30,7 @@ from spyglass.logs import configure_logging, flush_logs, reset_logging
 from spyglass.metrics import multiprocess
 from spyglass.metrics.collectors import MultiProcessExemplarCollector, ProcessTreeCollector, ResourceInfoCollector
 from spyglass.metrics.exemplars import ExemplarFile
-from spyglass.metrics.instruments import HttpServerMetrics, SpanPipelineMetrics
+from spyglass.metrics.instruments import CeleryMetrics, HttpServerMetrics, SpanPipelineMetrics
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
 from spyglass.sampling import build_sampling_rule
@@ -63,6 +63,7 @@ class Telemetry:
     metrics_server: MetricsServer | None = None
     exemplar_file: ExemplarFile | None = None
     _extra_collectors: list = field(default_factory=list)
+    _celery_metrics: CeleryMetrics | None = None
 
     @property
     def disabled(self) -> bool:
@@ -73,6 +74,15 @@ class Telemetry:
     def metrics_port(self) -> int | None:
         """The port the metrics endpoint listens on in this process, if it serves one."""
         return self.metrics_server.port if self.metrics_server else None
+
+    def celery_metrics(self) -> CeleryMetrics | None:
+        """The Celery task instruments, created on first use (``None`` when spyglass is disabled)."""
+        if self.disabled:
+            return None
+        with _lock:
+            if self._celery_metrics is None:
+                self._celery_metrics = CeleryMetrics(REGISTRY)
+            return self._celery_metrics
 
     def flush(self, timeout_millis: int = 10000) -> bool:
         """Export every finished span now (before a worker exits, for example)."""
@@ -237,7 +247,7 @@ def shutdown(timeout_millis: int = 10000) -> None:
             state.tracer_provider.shutdown()
         if state.metrics_server is not None:
             state.metrics_server.stop()
-        for metrics in (state.http_metrics, state.span_metrics):
+        for metrics in (state.http_metrics, state.span_metrics, state._celery_metrics):
             if metrics is not None:
                 metrics.unregister()
         for collector in state._extra_collectors:

@@ -19,7 +19,7 @@ from prometheus_client.samples import Exemplar
 from spyglass.catalog import MetricSpec, by_name
 from spyglass.metrics.exemplars import ExemplarFile
 
-__all__ = ["HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
+__all__ = ["CeleryMetrics", "HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
 
 
 def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counter | Gauge | Histogram:
@@ -114,6 +114,23 @@ class HttpServerMetrics(_Registered):
                 bytes.fromhex(trace_id),
                 bytes.fromhex(span_id),
             )
+
+
+class CeleryMetrics(_Registered):
+    """Celery task metrics (the publishing side so far): ``celery_task_published_total``."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        super().__init__(registry)
+        self._published = self._build("celery_task_published_total")
+        self._published_children: dict[tuple[str, str], _Value] = {}
+
+    def published(self, task_name: str, queue: str) -> None:
+        """Count one published task message."""
+        key = (task_name, queue)
+        value = self._published_children.get(key)
+        if value is None:
+            value = self._published_children[key] = _value_of(self._published.labels(task_name, queue))
+        value.inc(1)
 
 
 class _Value(Protocol):
