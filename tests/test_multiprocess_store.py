@@ -132,3 +132,16 @@ def test_prepare_directory_empties_what_a_previous_run_left(tmp_path: Path) -> N
     (tmp_path / "nested").mkdir()
     multiprocess.prepare_directory(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scrape_while_a_worker_creates_its_file_still_succeeds(tmp_path: Path) -> None:
+    """A value file caught empty (a worker starting) is skipped; the other processes' values are served."""
+    from spyglass.metrics.collectors import MultiProcessExemplarCollector
+
+    key = '["requests", "requests_total", {"route": "/a"}, "help"]'
+    values = MmapedDict(str(tmp_path / "counter_111.db"))
+    values.write_value(key, 3.0, 0.0)
+    values.close()
+    (tmp_path / "counter_222.db").touch()  # created, not yet sized: prometheus_client's reader fails on it
+    collected = list(MultiProcessExemplarCollector(str(tmp_path)).collect())
+    assert [s.value for family in collected for s in family.samples if s.name == "requests_total"] == [3.0]

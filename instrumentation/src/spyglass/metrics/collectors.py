@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import platform
 import re
 import resource
@@ -19,6 +21,7 @@ from spyglass.metrics.multiprocess import scrape_lock
 __all__ = ["MultiProcessExemplarCollector", "ProcessTreeCollector", "ResourceInfoCollector"]
 
 _LABEL_UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+_HEADER_SIZE = 8  # prometheus_client's value files start with the number of bytes in use
 
 
 def _label_name(attribute: str) -> str:
@@ -53,9 +56,25 @@ class MultiProcessExemplarCollector(MultiProcessCollector):
     def collect(self) -> Iterator[Metric]:  # type: ignore[override]
         """Merge every process's files and attach the newest exemplar of each bucket."""
         with scrape_lock():
-            families = list(super().collect())
+            families = list(self.merge(_complete_files(self._directory), accumulate=True))
             exemplars = read_exemplars(self._directory)
         return iter(attach_exemplars(families, exemplars))
+
+
+def _complete_files(directory: str) -> list[str]:
+    """The value files of ``directory`` that have their header.
+
+    A process creates its file empty and then sizes it: prometheus_client's reader fails on a file
+    caught in between (a worker starting during a scrape), which would fail the whole scrape.
+    """
+    complete = []
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        try:
+            if os.path.getsize(path) >= _HEADER_SIZE:
+                complete.append(path)
+        except FileNotFoundError:
+            continue
+    return complete
 
 
 class ProcessTreeCollector:
