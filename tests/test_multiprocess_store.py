@@ -142,6 +142,8 @@ def test_a_scrape_while_a_worker_creates_its_file_still_succeeds(tmp_path: Path)
     values = MmapedDict(str(tmp_path / "counter_111.db"))
     values.write_value(key, 3.0, 0.0)
     values.close()
-    (tmp_path / "counter_222.db").touch()  # created, not yet sized: prometheus_client's reader fails on it
+    (tmp_path / f"counter_{os.getpid()}.db").touch()  # a live process's file, created, not yet sized
+    (tmp_path / "counter_999999999.db").touch()  # a process that died creating its file
     collected = list(MultiProcessExemplarCollector(str(tmp_path)).collect())
     assert [s.value for family in collected for s in family.samples if s.name == "requests_total"] == [3.0]
+    assert not (tmp_path / "counter_999999999.db").exists()

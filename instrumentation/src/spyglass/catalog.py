@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CATALOG",
+    "CELERY_DURATION_BUCKETS",
     "HTTP_DURATION_BUCKETS",
     "MetricSpec",
     "by_name",
@@ -19,6 +20,11 @@ __all__ = [
     "openmetrics_family_name",
     "render_markdown",
 ]
+
+# Task runtimes and queue waits span milliseconds to many minutes.
+CELERY_DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+)  # fmt: skip
 
 # The advisory bucket boundaries of http.server.request.duration (OpenTelemetry semantic conventions).
 HTTP_DURATION_BUCKETS: tuple[float, ...] = (
@@ -194,6 +200,55 @@ CATALOG: tuple[MetricSpec, ...] = (
             "with Celery's default exchange); task names the app does not register are `<unregistered>`."
         ),
         source="celery",
+    ),
+    MetricSpec(
+        name="celery_task_completed_total",
+        type="counter",
+        unit="1",
+        labels=("task_name", "queue", "outcome"),
+        description=(
+            "Task executions that ended, by outcome: success, failure, retry (the execution asked for a "
+            "retry), rejected, revoked, expired, time_limit, worker_lost."
+        ),
+        source="celery",
+    ),
+    MetricSpec(
+        name="celery_task_failures_total",
+        type="counter",
+        unit="1",
+        labels=("task_name", "queue", "exception_type"),
+        description="Task executions that raised, by the exception's fully qualified type.",
+        source="celery",
+    ),
+    MetricSpec(
+        name="celery_task_runtime_seconds",
+        type="histogram",
+        unit="seconds",
+        labels=("task_name", "queue"),
+        description="Time a task execution ran in the worker, from start to end, whatever its outcome.",
+        source="celery",
+        buckets=CELERY_DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        name="celery_task_queue_wait_seconds",
+        type="histogram",
+        unit="seconds",
+        labels=("task_name", "queue"),
+        description=(
+            "Time from publish (or from the ETA of a countdown/ETA task) until a worker started the task: "
+            "broker wait plus prefetch wait. Needs the publisher instrumented and agreeing clocks."
+        ),
+        source="celery",
+        buckets=CELERY_DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        name="celery_tasks_active",
+        type="gauge",
+        unit="1",
+        labels=("queue",),
+        description="Tasks executing now, summed over the worker's live pool processes.",
+        source="celery",
+        multiprocess_mode="livesum",
     ),
 )
 

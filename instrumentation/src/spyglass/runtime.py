@@ -116,10 +116,21 @@ def _under_gunicorn() -> bool:
     return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
 
 
+def _under_celery_worker() -> bool:
+    """Whether this is the main process of ``celery worker`` (it imports the app before forking its pool)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    is_celery = program == "celery" or (program == "__main__.py" and "celery" in sys.argv[0])
+    return is_celery and "worker" in sys.argv[1:]
+
+
 def _detect_role() -> str:
     # With spyglass's gunicorn hooks loaded, every worker is marked in post_fork before it imports
-    # the app, so an unmarked gunicorn process is the master (the app was preloaded in it).
+    # the app, so an unmarked gunicorn process is the master (the app was preloaded in it). The
+    # main process of a Celery worker is the master of its pool: the Celery integration marks each
+    # pool process in worker_process_init.
     if _under_gunicorn() and "spyglass.gunicorn" in sys.modules:
+        return "master"
+    if _under_celery_worker():
         return "master"
     return "standalone"
 

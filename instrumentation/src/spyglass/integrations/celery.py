@@ -2,21 +2,33 @@
 
 No Celery events (``-E``) and no exporter process: each publishing process (the Flask web, or a
 worker starting sub-tasks) counts what it publishes and stamps every message with the time it was
-published, so that the worker running the task can measure how long it waited in the queue.
+published; the pool process running a task measures its queue wait from that stamp (or from the
+task's ETA), its runtime and its outcome.
 
-This module covers the publishing side so far; running tasks, worker processes and traces follow.
+Processes: the main process of ``celery worker`` is the master (it owns the multi-process metrics
+directory and serves the one endpoint that sums its pool); each prefork pool process sets up its
+own telemetry after the fork (``worker_process_init``) and, when it exits (``max_tasks_per_child``
+recycling included), flushes and folds its counts into the totals (``worker_process_shutdown``).
+Celery's own logging setup is skipped (``setup_logging``), so its lines come out as spyglass JSON.
+
+Still to come (issue 3): traces, outcomes decided in the main process (revoked while running,
+hard time limit, lost workers), broker queue metrics, and pools other than prefork.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
+from datetime import datetime
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Celery, current_app, signals
 
 from spyglass import runtime
+from spyglass.metrics.instruments import CeleryMetrics
 
 __all__ = ["PUBLISHED_AT_HEADER", "UNREGISTERED_TASK", "install_auto_instrumentation", "instrument_celery"]
 
@@ -60,7 +72,18 @@ def install_auto_instrumentation() -> None:
 
 
 def _connect_signals() -> None:
-    signals.before_task_publish.connect(_before_task_publish, weak=False, dispatch_uid=_DISPATCH_UID)
+    receivers = (
+        (signals.before_task_publish, _before_task_publish),
+        (signals.task_prerun, _task_prerun),
+        (signals.task_failure, _task_failure),
+        (signals.task_postrun, _task_postrun),
+        (signals.task_revoked, _task_revoked),
+        (signals.worker_process_init, _worker_process_init),
+        (signals.worker_process_shutdown, _worker_process_shutdown),
+        (signals.setup_logging, _keep_spyglass_logging),
+    )
+    for signal, receiver in receivers:
+        signal.connect(receiver, weak=False, dispatch_uid=_DISPATCH_UID)
 
 
 def _task_label(name: str | None) -> str:
@@ -85,3 +108,112 @@ def _before_task_publish(
     metrics = state.celery_metrics() if state is not None else None
     if metrics is not None:
         metrics.published(_task_label(sender or (headers or {}).get("task")), routing_key or "")
+
+
+# -- running tasks (in the pool process that runs them) ----------------------------------------
+class _Execution:
+    __slots__ = ("exception", "name", "queue", "started")
+
+    def __init__(self, name: str, queue: str) -> None:
+        self.name = name
+        self.queue = queue
+        self.started = time.perf_counter()
+        self.exception: BaseException | None = None
+
+
+_running: dict[str, _Execution] = {}
+_OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry", "REJECTED": "rejected"}
+
+
+def _metrics() -> CeleryMetrics | None:
+    state = runtime.current()
+    return state.celery_metrics() if state is not None else None
+
+
+def _queue_of(request: Any) -> str:
+    delivery = getattr(request, "delivery_info", None) or {}
+    return delivery.get("routing_key") or delivery.get("exchange") or ""
+
+
+def _queue_wait(request: Any, now: float) -> float | None:
+    """Seconds from publish (or from the ETA, if later) until now; ``None`` without a publish stamp."""
+    published = getattr(request, PUBLISHED_AT_HEADER, None)
+    if published is None:
+        return None
+    try:
+        since = float(published)
+    except (TypeError, ValueError):
+        return None
+    eta = getattr(request, "eta", None)
+    if eta:
+        with contextlib.suppress(TypeError, ValueError):
+            since = max(since, datetime.fromisoformat(eta).timestamp())
+    return now - since
+
+
+def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_extra: Any) -> None:
+    task = task or sender
+    metrics = _metrics()
+    if task is None or task_id is None or metrics is None:
+        return
+    request = task.request
+    execution = _running[task_id] = _Execution(_task_label(task.name), _queue_of(request))
+    metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()))
+
+
+def _task_failure(task_id: str | None = None, exception: BaseException | None = None, **_extra: Any) -> None:
+    execution = _running.get(task_id or "")
+    metrics = _metrics()
+    if execution is None or metrics is None or exception is None:
+        return
+    execution.exception = exception
+    metrics.failed(execution.name, execution.queue, _type_name(exception))
+
+
+def _task_postrun(task_id: str | None = None, state: str | None = None, **_extra: Any) -> None:
+    execution = _running.pop(task_id or "", None)
+    metrics = _metrics()
+    if execution is None or metrics is None:
+        return
+    if isinstance(execution.exception, SoftTimeLimitExceeded | TimeLimitExceeded):
+        outcome = "time_limit"
+    else:
+        # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
+        outcome = _OUTCOMES.get(state or "", "success" if state == "IGNORED" else "failure")
+    metrics.finished(execution.name, execution.queue, outcome, time.perf_counter() - execution.started)
+
+
+def _type_name(exception: BaseException) -> str:
+    kind = type(exception)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+# -- tasks that end without running (in the worker's main process) ------------------------------
+def _task_revoked(
+    sender: Any = None, request: Any = None, expired: bool = False, terminated: bool = False, **_extra: Any
+) -> None:
+    metrics = _metrics()
+    if metrics is None or request is None or terminated:  # terminated: it was running (to come)
+        return
+    name = getattr(request, "task_name", None) or getattr(request, "task", None) or getattr(sender, "name", None)
+    metrics.ended_unstarted(_task_label(name), _queue_of(request), "expired" if expired else "revoked")
+
+
+# -- worker processes ------------------------------------------------------------------------------
+def _worker_process_init(**_extra: Any) -> None:
+    """In each prefork pool process, right after the fork: its own telemetry, into the shared directory."""
+    runtime.mark_worker()
+    runtime.init(role="worker")
+
+
+def _worker_process_shutdown(**_extra: Any) -> None:
+    """A pool process is exiting (recycled or stopping): export its spans and log lines.
+
+    Its metric files stay; the main process folds them into the totals once it has exited.
+    """
+    runtime.shutdown()
+
+
+def _keep_spyglass_logging(**_extra: Any) -> None:
+    """Connected to ``setup_logging``: Celery then leaves the logging spyglass configured alone."""
+    runtime.init()

@@ -117,20 +117,58 @@ class HttpServerMetrics(_Registered):
 
 
 class CeleryMetrics(_Registered):
-    """Celery task metrics (the publishing side so far): ``celery_task_published_total``."""
+    """Celery task metrics, recorded from Celery's signals in publishers and workers."""
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         super().__init__(registry)
         self._published = self._build("celery_task_published_total")
-        self._published_children: dict[tuple[str, str], _Value] = {}
+        self._completed = self._build("celery_task_completed_total")
+        self._failures = self._build("celery_task_failures_total")
+        self._runtime = self._build("celery_task_runtime_seconds")
+        self._queue_wait = self._build("celery_task_queue_wait_seconds")
+        self._active = self._build("celery_tasks_active")
+        self._bounds = (*by_name("celery_task_runtime_seconds").buckets, float("inf"))
+        self._values: dict[tuple, _Value] = {}
+        self._histograms: dict[tuple, _FastHistogram] = {}
+
+    def _value(self, metric: Counter | Gauge, *labels: str) -> _Value:
+        key = (id(metric), *labels)
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = _value_of(metric.labels(*labels))
+        return value
+
+    def _observe(self, metric: Histogram, task_name: str, queue: str, seconds: float) -> None:
+        key = (id(metric), task_name, queue)
+        histogram = self._histograms.get(key)
+        if histogram is None:
+            histogram = self._histograms[key] = _FastHistogram(metric.labels(task_name, queue), self._bounds)
+        histogram.sum.inc(seconds)
+        histogram.buckets[bisect_left(self._bounds, seconds)].inc(1)
 
     def published(self, task_name: str, queue: str) -> None:
         """Count one published task message."""
-        key = (task_name, queue)
-        value = self._published_children.get(key)
-        if value is None:
-            value = self._published_children[key] = _value_of(self._published.labels(task_name, queue))
-        value.inc(1)
+        self._value(self._published, task_name, queue).inc(1)
+
+    def started(self, task_name: str, queue: str, queue_wait_seconds: float | None) -> None:
+        """A worker process started a task (``queue_wait_seconds`` is ``None`` when unknown)."""
+        self._value(self._active, queue).inc(1)
+        if queue_wait_seconds is not None:
+            self._observe(self._queue_wait, task_name, queue, max(queue_wait_seconds, 0.0))
+
+    def finished(self, task_name: str, queue: str, outcome: str, runtime_seconds: float) -> None:
+        """A task execution started with :meth:`started` ended with ``outcome``."""
+        self._value(self._active, queue).inc(-1)
+        self._value(self._completed, task_name, queue, outcome).inc(1)
+        self._observe(self._runtime, task_name, queue, runtime_seconds)
+
+    def ended_unstarted(self, task_name: str, queue: str, outcome: str) -> None:
+        """A task that never ran ended (revoked, expired, rejected)."""
+        self._value(self._completed, task_name, queue, outcome).inc(1)
+
+    def failed(self, task_name: str, queue: str, exception_type: str) -> None:
+        """A task execution raised ``exception_type``."""
+        self._value(self._failures, task_name, queue, exception_type).inc(1)
 
 
 class _Value(Protocol):

@@ -11,6 +11,7 @@ that slow every scrape down.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from prometheus_client.multiprocess import mark_process_dead
 __all__ = [
     "ARCHIVE_ID",
     "compact_dead_process",
+    "compact_exited_processes",
     "default_directory",
     "enable",
     "is_enabled",
@@ -38,6 +40,7 @@ ARCHIVE_ID = "archive"
 _ADDITIVE_PREFIXES = ("counter", "histogram", "summary", "gauge_sum")
 
 _lock = threading.Lock()
+_HEADER_SIZE = 8  # a value file starts with the number of its bytes in use
 
 
 @contextmanager
@@ -85,21 +88,67 @@ def compact_dead_process(pid: int, path: str) -> None:
 
     Counters and histograms keep their totals (Prometheus sees no reset), live gauges drop the
     process, and the directory holds one file per kind of value for all exited processes together.
+    Only the serving process may call it (the lock that keeps scrapes consistent is its own).
     """
+    with _lock:
+        _compact(pid, path)
+
+
+def compact_exited_processes(path: str) -> list[int]:
+    """Fold in every process that left files in ``path`` and no longer exists; return their pids.
+
+    Covers processes nobody reported: pool processes that exited on their own (Celery's
+    ``max_tasks_per_child``) or were killed. The serving process calls it before each scrape.
+    """
+    exited = [pid for pid in _pids_with_files(path) if not _alive(pid)]
+    if exited:
+        with _lock:
+            for pid in exited:
+                _compact(pid, path)
+    return exited
+
+
+_PID_IN_NAME = re.compile(r"_(\d+)\.(?:db|exm)$")
+
+
+def _pids_with_files(path: str) -> set[int]:
+    pids = set()
+    for entry in os.scandir(path):
+        match = _PID_IN_NAME.search(entry.name)
+        if match:
+            pids.add(int(match.group(1)))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _compact(pid: int, path: str) -> None:
     from spyglass.metrics.exemplars import merge_exemplar_file
 
-    with _lock:
-        mark_process_dead(pid, path)
-        for prefix in _ADDITIVE_PREFIXES:
-            dead = os.path.join(path, f"{prefix}_{pid}.db")
-            if not os.path.exists(dead):
-                continue
-            archive = MmapedDict(os.path.join(path, f"{prefix}_{ARCHIVE_ID}.db"))
-            try:
-                for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(dead):
-                    current, _ = archive.read_value(key)
-                    archive.write_value(key, current + value, 0.0)
-            finally:
-                archive.close()
+    mark_process_dead(pid, path)
+    for prefix in _ADDITIVE_PREFIXES:
+        dead = os.path.join(path, f"{prefix}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        if os.path.getsize(dead) < _HEADER_SIZE:  # died while creating it: nothing recorded
             os.unlink(dead)
-        merge_exemplar_file(pid, path)
+            continue
+        archive = MmapedDict(os.path.join(path, f"{prefix}_{ARCHIVE_ID}.db"))
+        try:
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(dead):
+                current, _ = archive.read_value(key)
+                archive.write_value(key, current + value, 0.0)
+        finally:
+            archive.close()
+        os.unlink(dead)
+    merge_exemplar_file(pid, path)

@@ -1,0 +1,36 @@
+"""A Celery app instrumented the way a user does it: `import spyglass.auto` first, nothing else.
+
+Broker and queue come from CELERY_BROKER_URL and TEST_QUEUE (each test uses a queue of its own).
+"""
+
+import spyglass.auto  # noqa: F401, I001 - first, as the docs say
+
+import os
+
+import celery
+import redis
+
+app = celery.Celery("tasks", broker=os.environ["CELERY_BROKER_URL"])
+app.conf.task_default_queue = os.environ["TEST_QUEUE"]
+app.conf.broker_connection_retry_on_startup = True
+
+
+@app.task(name="tasks.ok")
+def ok(value: int) -> int:
+    """Succeed."""
+    return value
+
+
+@app.task(name="tasks.boom")
+def boom() -> None:
+    """Fail with a KeyError."""
+    raise KeyError("missing")
+
+
+@app.task(bind=True, name="tasks.flaky", max_retries=3, default_retry_delay=0)
+def flaky(self: celery.Task, key: str) -> int:
+    """Ask for a retry on the first run (counted in Redis), succeed on the second."""
+    runs = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).incr(key)
+    if runs < 2:
+        raise self.retry(countdown=0)
+    return runs

@@ -1,0 +1,187 @@
+"""A real prefork Celery worker (concurrency 2) on Redis: outcomes, runtime, queue wait, one endpoint.
+
+The worker runs `tests/apps/tasks.py`, instrumented only by `import spyglass.auto`; the test
+publishes through an instrumented app of its own, as a Flask web process would, and reads the
+worker's single metrics endpoint (served by its main process, summing the pool processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import celery
+import pytest
+import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+import spyglass
+from spyglass import runtime
+from spyglass.config import load_settings
+from tests.conftest import REPO, free_port, wait_for, wait_for_port
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    metrics_port: int
+    queue: str
+    log_path: Path
+
+    def samples(self) -> dict[tuple[str, frozenset], float]:
+        """Every sample of one scrape, keyed by name and labels."""
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples().get((name, frozenset({"queue": self.queue, **labels}.items())), 0.0)
+
+
+def start_worker(tmp: Path, redis_url: str, *args: str) -> Worker:
+    queue = f"spyglass-worker-{uuid.uuid4().hex[:10]}"
+    metrics_port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
+    env.update(
+        CELERY_BROKER_URL=redis_url,
+        TEST_QUEUE=queue,
+        OTEL_SERVICE_NAME="worker",
+        OTEL_TRACES_EXPORTER="none",
+        SPYGLASS_METRICS_PORT=str(metrics_port),
+        SPYGLASS_METRICS_DIR=str(tmp / "metrics"),
+        PYTHONPATH=str(REPO),
+    )
+    log_path = tmp / "worker.log"
+    command = [
+        str(VENV_BIN / "celery"),
+        "-A",
+        "tests.apps.tasks",
+        "worker",
+        "--pool=prefork",
+        "--concurrency=2",
+        "-Q",
+        queue,
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+        "--loglevel=INFO",
+        *args,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = Worker(process, metrics_port, queue, log_path)
+    try:
+        wait_for_port(metrics_port, process, timeout=60)
+        assert wait_for(lambda: b"ready" in log_path.read_bytes(), timeout=60), "worker never became ready"
+    except Exception:
+        stop_worker(worker)
+        raise RuntimeError("celery worker did not start:\n" + log_path.read_text()) from None
+    return worker
+
+
+def stop_worker(worker: Worker) -> None:
+    if worker.process.poll() is None:
+        worker.process.send_signal(signal.SIGTERM)
+        try:
+            worker.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[celery.Celery]:
+    """An instrumented app in this process that sends tasks by name (stamping their publish time)."""
+    runtime.init(load_settings({"OTEL_SERVICE_NAME": "web", "SPYGLASS_METRICS_PORT": "0"}))
+    app = celery.Celery("web", broker=redis_url, set_as_current=False)
+    spyglass.instrument_celery(app)
+    yield app
+    app.close()
+    runtime.shutdown()
+
+
+@pytest.fixture
+def worker(tmp_path: Path, redis_url: str) -> Iterator[Worker]:
+    started = start_worker(tmp_path, redis_url)
+    yield started
+    stop_worker(started)
+    redis.Redis.from_url(redis_url).delete(started.queue)
+
+
+def completed(worker: Worker, task: str, outcome: str) -> float:
+    return worker.value("celery_task_completed_total", task_name=task, outcome=outcome)
+
+
+def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(publisher, worker) -> None:
+    """Successes, a failure and a retry-then-success are counted once each, over both pool processes."""
+    for number in range(6):
+        publisher.send_task("tasks.ok", (number,), queue=worker.queue)
+    publisher.send_task("tasks.boom", queue=worker.queue)
+    publisher.send_task("tasks.flaky", (f"flaky-{uuid.uuid4().hex}",), queue=worker.queue)
+
+    def all_done() -> bool:
+        return (
+            completed(worker, "tasks.ok", "success") == 6
+            and completed(worker, "tasks.boom", "failure") == 1
+            and completed(worker, "tasks.flaky", "success") == 1
+        )
+
+    assert wait_for(all_done, timeout=60), worker.log_path.read_text()[-3000:]
+    assert completed(worker, "tasks.flaky", "retry") == 1
+    assert worker.value("celery_task_failures_total", task_name="tasks.boom", exception_type="KeyError") == 1
+    assert worker.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == 6
+    assert worker.value("celery_tasks_active") == 0
+
+
+def test_celery_log_lines_come_out_as_spyglass_json(publisher, worker) -> None:
+    """Worker start, task received and task succeeded are JSON lines with the service name, not Celery text."""
+    publisher.send_task("tasks.ok", (7,), queue=worker.queue)
+    assert wait_for(lambda: completed(worker, "tasks.ok", "success") == 1, timeout=60)
+    lines = [line for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    events = [record["event"] for record in records]
+    assert any(event.endswith("ready.") for event in events)
+    assert any("received" in event for event in events)
+    assert any("succeeded" in event for event in events)
+    assert all(record["service.name"] == "worker" and "timestamp" in record for record in records)
+
+
+def test_queue_wait_runs_from_the_eta_not_from_publish(publisher, worker) -> None:
+    """A task published with a 3 s countdown waits about 0 s in the queue: the wait is measured from its ETA."""
+    publisher.send_task("tasks.ok", (1,), queue=worker.queue, countdown=3)
+    publisher.send_task("tasks.ok", (2,), queue=worker.queue)
+    assert wait_for(lambda: completed(worker, "tasks.ok", "success") == 2, timeout=60)
+    count = worker.value("celery_task_queue_wait_seconds_count", task_name="tasks.ok")
+    total = worker.value("celery_task_queue_wait_seconds_sum", task_name="tasks.ok")
+    assert count == 2
+    assert total < 2.0, f"queue wait {total:.2f}s includes the countdown"
+
+
+def test_recycled_pool_processes_lose_no_count_and_leave_no_files(tmp_path: Path, redis_url: str, publisher) -> None:
+    """With max_tasks_per_child=1 every task runs in a new process: all are counted, exited ones are folded in."""
+    recycling = start_worker(tmp_path, redis_url, "--max-tasks-per-child=1")
+    try:
+        for number in range(40):
+            publisher.send_task("tasks.ok", (number,), queue=recycling.queue)
+        assert wait_for(lambda: completed(recycling, "tasks.ok", "success") == 40, timeout=120)
+        assert recycling.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == 40
+        value_files = list((tmp_path / "metrics").glob("*.db"))
+        # The archive, the main process and the live pool processes: not one file per exited process.
+        pids = {path.stem.rsplit("_", 1)[-1] for path in value_files}
+        assert len(pids) <= 5, sorted(path.name for path in value_files)
+    finally:
+        stop_worker(recycling)
+        redis.Redis.from_url(redis_url).delete(recycling.queue)
