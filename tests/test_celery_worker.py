@@ -170,6 +170,26 @@ def test_queue_wait_runs_from_the_eta_not_from_publish(publisher, worker) -> Non
     assert total < 2.0, f"queue wait {total:.2f}s includes the countdown"
 
 
+def test_lines_logged_inside_a_task_name_the_task(publisher, worker) -> None:
+    """Lines from structlog and stdlib in task code, and Celery's own result line, carry task_id and task_name."""
+    result = publisher.send_task("tasks.chatty", (42,), queue=worker.queue)
+    assert wait_for(lambda: completed(worker, "tasks.chatty", "success") == 1, timeout=60)
+    records = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+    mine = [record for record in records if record.get("task_id") == result.id]
+    events = {record["event"] for record in mine}
+    assert {"charging order", "slow payment provider"} <= events
+    assert any("succeeded" in event for event in events)
+    assert all(record["task_name"] == "tasks.chatty" for record in mine)
+    charging = next(record for record in mine if record["event"] == "charging order")
+    assert charging["order_id"] == 42 and charging["logger"] == "tasks"
+    # The next task in the same pool process is named by its own id, not the previous one's.
+    following = publisher.send_task("tasks.ok", (1,), queue=worker.queue)
+    assert wait_for(lambda: completed(worker, "tasks.ok", "success") == 1, timeout=60)
+    records = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+    succeeded = next(r for r in records if "succeeded" in r["event"] and following.id in r["event"])
+    assert (succeeded["task_id"], succeeded["task_name"]) == (following.id, "tasks.ok")
+
+
 def test_recycled_pool_processes_lose_no_count_and_leave_no_files(tmp_path: Path, redis_url: str, publisher) -> None:
     """With max_tasks_per_child=1 every task runs in a new process: all are counted, exited ones are folded in."""
     recycling = start_worker(tmp_path, redis_url, "--max-tasks-per-child=1")

@@ -3,12 +3,15 @@
 Broker and queue come from CELERY_BROKER_URL and TEST_QUEUE (each test uses a queue of its own).
 """
 
-import spyglass.auto  # noqa: F401, I001 - first, as the docs say
+import spyglass.auto  # noqa: I001 - first, as the docs say
 
+import logging
 import os
 
 import celery
 import redis
+
+import spyglass
 
 app = celery.Celery("tasks", broker=os.environ["CELERY_BROKER_URL"])
 app.conf.task_default_queue = os.environ["TEST_QUEUE"]
@@ -34,3 +37,10 @@ def flaky(self: celery.Task, key: str) -> int:
     if runs < 2:
         raise self.retry(countdown=0)
     return runs
+
+
+@app.task(name="tasks.chatty")
+def chatty(order_id: int) -> None:
+    """Log through structlog and through the standard library."""
+    spyglass.get_logger("tasks").info("charging order", order_id=order_id)
+    logging.getLogger("tasks.stdlib").warning("slow payment provider")

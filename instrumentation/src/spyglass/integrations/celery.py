@@ -24,6 +24,7 @@ import weakref
 from datetime import datetime
 from typing import Any
 
+import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Celery, current_app, signals
 
@@ -159,6 +160,8 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
     request = task.request
     execution = _running[task_id] = _Execution(_task_label(task.name), _queue_of(request))
     metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()))
+    # Every line logged while the task runs (Celery's "succeeded" line included) names it.
+    structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
 
 
 def _task_failure(task_id: str | None = None, exception: BaseException | None = None, **_extra: Any) -> None:
@@ -171,6 +174,7 @@ def _task_failure(task_id: str | None = None, exception: BaseException | None = 
 
 
 def _task_postrun(task_id: str | None = None, state: str | None = None, **_extra: Any) -> None:
+    structlog.contextvars.unbind_contextvars("task_id", "task_name")
     execution = _running.pop(task_id or "", None)
     metrics = _metrics()
     if execution is None or metrics is None:
