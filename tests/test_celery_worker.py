@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
-from tests.conftest import REPO, free_port, wait_for, wait_for_port
+from tests.conftest import REPO, free_port, read_spans, wait_for, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -51,7 +51,7 @@ class Worker:
         return self.samples().get((name, frozenset({"queue": self.queue, **labels}.items())), 0.0)
 
 
-def start_worker(tmp: Path, redis_url: str, *args: str) -> Worker:
+def start_worker(tmp: Path, redis_url: str, *args: str, **env_overrides: str) -> Worker:
     queue = f"spyglass-worker-{uuid.uuid4().hex[:10]}"
     metrics_port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
@@ -64,6 +64,7 @@ def start_worker(tmp: Path, redis_url: str, *args: str) -> Worker:
         SPYGLASS_METRICS_DIR=str(tmp / "metrics"),
         PYTHONPATH=str(REPO),
     )
+    env.update(env_overrides)
     log_path = tmp / "worker.log"
     command = [
         str(VENV_BIN / "celery"),
@@ -149,9 +150,8 @@ def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(
 def test_celery_log_lines_come_out_as_spyglass_json(publisher, worker) -> None:
     """Worker start, task received and task succeeded are JSON lines with the service name, not Celery text."""
     publisher.send_task("tasks.ok", (7,), queue=worker.queue)
-    assert wait_for(lambda: completed(worker, "tasks.ok", "success") == 1, timeout=60)
-    lines = [line for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
-    records = [json.loads(line) for line in lines]
+    assert wait_for(lambda: any("succeeded" in record["event"] for record in log_records(worker)), timeout=60)
+    records = log_records(worker)
     events = [record["event"] for record in records]
     assert any(event.endswith("ready.") for event in events)
     assert any("received" in event for event in events)
@@ -170,24 +170,33 @@ def test_queue_wait_runs_from_the_eta_not_from_publish(publisher, worker) -> Non
     assert total < 2.0, f"queue wait {total:.2f}s includes the countdown"
 
 
+def log_records(worker: Worker) -> list[dict]:
+    return [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+
+
 def test_lines_logged_inside_a_task_name_the_task(publisher, worker) -> None:
-    """Lines from structlog and stdlib in task code, and Celery's own result line, carry task_id and task_name."""
+    """Lines of task code (structlog, stdlib) carry task_id, task_name and the run span's ids; Celery's too."""
     result = publisher.send_task("tasks.chatty", (42,), queue=worker.queue)
-    assert wait_for(lambda: completed(worker, "tasks.chatty", "success") == 1, timeout=60)
-    records = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
-    mine = [record for record in records if record.get("task_id") == result.id]
-    events = {record["event"] for record in mine}
-    assert {"charging order", "slow payment provider"} <= events
-    assert any("succeeded" in event for event in events)
+
+    def lines_of(task_id: str) -> list[dict]:
+        return [record for record in log_records(worker) if record.get("task_id") == task_id]
+
+    # Pool processes write their lines in batches (SPYGLASS_LOG_FLUSH_INTERVAL): wait for the last one.
+    assert wait_for(lambda: any("succeeded" in r["event"] for r in lines_of(result.id)), timeout=60)
+    mine = lines_of(result.id)
+    assert {"charging order", "slow payment provider"} <= {record["event"] for record in mine}
     assert all(record["task_name"] == "tasks.chatty" for record in mine)
     charging = next(record for record in mine if record["event"] == "charging order")
     assert charging["order_id"] == 42 and charging["logger"] == "tasks"
+    # Inside the task's run span: the lines of task code carry its trace, the same on every line.
+    in_task = [record for record in mine if record["event"] in ("charging order", "slow payment provider")]
+    assert len({(record["trace_id"], record["span_id"]) for record in in_task}) == 1
+    succeeded = next(record for record in mine if "succeeded" in record["event"])
+    assert succeeded["trace_id"] == in_task[0]["trace_id"]
     # The next task in the same pool process is named by its own id, not the previous one's.
     following = publisher.send_task("tasks.ok", (1,), queue=worker.queue)
-    assert wait_for(lambda: completed(worker, "tasks.ok", "success") == 1, timeout=60)
-    records = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
-    succeeded = next(r for r in records if "succeeded" in r["event"] and following.id in r["event"])
-    assert (succeeded["task_id"], succeeded["task_name"]) == (following.id, "tasks.ok")
+    assert wait_for(lambda: any("succeeded" in r["event"] for r in lines_of(following.id)), timeout=60)
+    assert {record["task_name"] for record in lines_of(following.id)} == {"tasks.ok"}
 
 
 def test_recycled_pool_processes_lose_no_count_and_leave_no_files(tmp_path: Path, redis_url: str, publisher) -> None:
@@ -205,3 +214,81 @@ def test_recycled_pool_processes_lose_no_count_and_leave_no_files(tmp_path: Path
     finally:
         stop_worker(recycling)
         redis.Redis.from_url(redis_url).delete(recycling.queue)
+
+
+WEB_SCRIPT = """
+import spyglass.auto
+import flask
+from celery import chain
+
+from tests.apps.tasks import ok
+
+web = flask.Flask("web")
+
+
+@web.post("/orders")
+def create_order():
+    result = chain(ok.s(1), ok.s(), ok.s()).apply_async()
+    return {"id": result.id}
+
+
+response = web.test_client().post("/orders")
+assert response.status_code == 200, response.data
+print("TRACERESPONSE", response.headers["traceresponse"])
+"""
+
+
+def test_a_request_that_starts_a_chain_yields_one_connected_trace(tmp_path: Path, redis_url: str) -> None:
+    """Request span, then publish and run spans of every task of a 3-task chain: one trace, right parents."""
+    worker_traces, web_traces = tmp_path / "worker-traces.jsonl", tmp_path / "web-traces.jsonl"
+    traced = start_worker(
+        tmp_path,
+        redis_url,
+        OTEL_TRACES_EXPORTER="otlp_json_file",
+        SPYGLASS_TRACES_FILE=str(worker_traces),
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    try:
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+        env.update(
+            CELERY_BROKER_URL=redis_url,
+            TEST_QUEUE=traced.queue,
+            OTEL_SERVICE_NAME="web",
+            OTEL_TRACES_EXPORTER="otlp_json_file",
+            SPYGLASS_TRACES_FILE=str(web_traces),
+            SPYGLASS_METRICS_PORT="0",
+            PYTHONPATH=str(REPO),
+        )
+        web = subprocess.run(
+            [sys.executable, "-c", WEB_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert web.returncode == 0, web.stderr[-3000:]
+        trace_id = next(line for line in web.stdout.splitlines() if line.startswith("TRACERESPONSE")).split("-")[1]
+
+        def trace_spans() -> list[dict]:
+            return [span for span in read_spans(web_traces) + read_spans(worker_traces) if span["traceId"] == trace_id]
+
+        assert wait_for(lambda: len([s for s in trace_spans() if s["name"].startswith("run/")]) == 3, timeout=60), (
+            traced.log_path.read_text()[-3000:]
+        )
+    finally:
+        stop_worker(traced)
+        redis.Redis.from_url(redis_url).delete(traced.queue)
+    spans = trace_spans()
+    by_id = {span["spanId"]: span for span in spans}
+    (server,) = [span for span in spans if span["kind"] == 2]
+    publishes = [span for span in spans if span["name"] == "apply_async/tasks.ok"]
+    runs = [span for span in spans if span["name"] == "run/tasks.ok"]
+    assert len(publishes) == 3 and len(runs) == 3
+    assert "parentSpanId" not in server
+    for span in spans:
+        if span is not server:
+            assert span["parentSpanId"] in by_id, f"{span['name']} has a parent outside the trace"
+    # The first task is published by the request; each run is a child of its publish; each next
+    # task of the chain is published from the run of the previous one.
+    first_publish = next(span for span in publishes if span["parentSpanId"] == server["spanId"])
+    for run in runs:
+        assert by_id[run["parentSpanId"]]["name"] == "apply_async/tasks.ok"
+    chained = [span for span in publishes if span is not first_publish]
+    assert all(by_id[span["parentSpanId"]]["name"] == "run/tasks.ok" for span in chained)
+    assert {span["resource"]["service.name"]["stringValue"] for span in spans} == {"web", "worker"}

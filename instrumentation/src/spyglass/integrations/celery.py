@@ -11,8 +11,13 @@ own telemetry after the fork (``worker_process_init``) and, when it exits (``max
 recycling included), flushes and folds its counts into the totals (``worker_process_shutdown``).
 Celery's own logging setup is skipped (``setup_logging``), so its lines come out as spyglass JSON.
 
-Still to come (issue 3): traces, outcomes decided in the main process (revoked while running,
-hard time limit, lost workers), broker queue metrics, and pools other than prefork.
+Traces come from opentelemetry-instrumentation-celery (publish and run spans, context carried in
+the message headers), so a request and the tasks it starts share one trace.
+
+Still to come (issue 3): the fixes that instrumentation needs (unknown task names, revoked and
+rejected outcomes, semantic conventions), exemplars on task histograms, outcomes decided in the
+main process (terminated, hard time limit, lost workers), broker queue metrics, beat, and pools
+other than prefork.
 """
 
 from __future__ import annotations
@@ -85,6 +90,22 @@ def _connect_signals() -> None:
     )
     for signal, receiver in receivers:
         signal.connect(receiver, weak=False, dispatch_uid=_DISPATCH_UID)
+    _instrument_traces()
+
+
+def _instrument_traces() -> None:
+    """Publish and run spans from opentelemetry-instrumentation-celery, with context in the message headers.
+
+    Its tracer follows the global tracer provider, which pool processes set after the fork.
+    """
+    state = runtime.current()
+    if state is None or state.settings.sdk_disabled:
+        return
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    instrumentor = CeleryInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
 
 
 def _task_label(name: str | None) -> str:
