@@ -23,6 +23,7 @@ import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
 from spyglass.integrations.celery import PUBLISHED_AT_HEADER, UNREGISTERED_TASK
+from tests.conftest import read_spans
 
 PUBLISHED = "celery_task_published_total"
 
@@ -113,3 +114,61 @@ for name in ("billing.charge", "<unregistered>"):
     assert completed.returncode == 0, completed.stderr
     counts = [line for line in completed.stdout.splitlines() if not line.startswith("{")]
     assert counts == ["1.0", "1.0"]
+
+
+UNKNOWN_TASK_SCRIPT = """
+import spyglass.auto
+import celery
+import celery.signals
+import flask
+from opentelemetry import trace
+
+broker = celery.Celery("web", broker={broker!r})
+broker.conf.task_default_queue = {queue!r}
+web = flask.Flask("web")
+during_publish = []
+
+
+@celery.signals.before_task_publish.connect
+def note_current_span(**_kwargs):  # runs after spyglass's receivers, while the message is being sent
+    during_publish.append(format(trace.get_current_span().get_span_context().span_id, "016x"))
+
+
+@web.post("/refunds")
+def refund():
+    broker.send_task("billing.refund")  # a task of another service: not registered here
+    with trace.get_tracer("app").start_as_current_span("after publish"):
+        pass
+    return "ok"
+
+
+assert web.test_client().post("/refunds").status_code == 200
+assert not trace.get_current_span().get_span_context().is_valid, "a span is still current after the request"
+print("CURRENT_DURING_PUBLISH", during_publish[0])
+"""
+
+
+def test_publishing_a_task_the_publisher_does_not_know_ends_its_span_and_leaks_no_context(
+    redis_url: str, tmp_path
+) -> None:
+    """send_task by name: the publish span covers the publish, then ends; later spans are not its children."""
+    queue = f"spyglass-test-{uuid.uuid4().hex[:12]}"
+    traces = tmp_path / "traces.jsonl"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+    environment.update(
+        SPYGLASS_METRICS_PORT="0", OTEL_TRACES_EXPORTER="otlp_json_file", SPYGLASS_TRACES_FILE=str(traces)
+    )
+    script = UNKNOWN_TASK_SCRIPT.format(broker=redis_url, queue=queue)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=60, check=False
+    )
+    redis.Redis.from_url(redis_url).delete(queue)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    spans = {span["name"]: span for span in read_spans(traces)}
+    assert set(spans) == {"POST /refunds", "apply_async/billing.refund", "after publish"}
+    server = spans["POST /refunds"]
+    assert spans["apply_async/billing.refund"]["parentSpanId"] == server["spanId"]
+    assert spans["after publish"]["parentSpanId"] == server["spanId"]
+    # While the message is sent, the publish span is the current one (the peer ended it before).
+    current = next(line for line in completed.stdout.splitlines() if line.startswith("CURRENT_DURING_PUBLISH"))
+    assert current.split()[1] == spans["apply_async/billing.refund"]["spanId"]

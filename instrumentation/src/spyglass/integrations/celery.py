@@ -12,10 +12,11 @@ recycling included), flushes and folds its counts into the totals (``worker_proc
 Celery's own logging setup is skipped (``setup_logging``), so its lines come out as spyglass JSON.
 
 Traces come from opentelemetry-instrumentation-celery (publish and run spans, context carried in
-the message headers), so a request and the tasks it starts share one trace.
+the message headers; see :mod:`spyglass.integrations.celery_traces` for what is fixed), so a
+request and the tasks it starts share one trace.
 
-Still to come (issue 3): the fixes that instrumentation needs (unknown task names, revoked and
-rejected outcomes, semantic conventions), exemplars on task histograms, outcomes decided in the
+Still to come (issue 3): more fixes to those spans (revoked and rejected outcomes, semantic
+conventions), exemplars on task histograms, outcomes decided in the
 main process (terminated, hard time limit, lost workers), broker queue metrics, beat, and pools
 other than prefork.
 """
@@ -94,18 +95,13 @@ def _connect_signals() -> None:
 
 
 def _instrument_traces() -> None:
-    """Publish and run spans from opentelemetry-instrumentation-celery, with context in the message headers.
-
-    Its tracer follows the global tracer provider, which pool processes set after the fork.
-    """
+    """Publish and run spans (see :mod:`spyglass.integrations.celery_traces`), unless traces are off."""
     state = runtime.current()
     if state is None or state.settings.sdk_disabled:
         return
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from spyglass.integrations.celery_traces import instrument_traces
 
-    instrumentor = CeleryInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument()
+    instrument_traces()
 
 
 def _task_label(name: str | None) -> str:
