@@ -21,6 +21,7 @@ import celery
 import pytest
 import redis
 import requests
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 import spyglass
@@ -45,6 +46,21 @@ class Worker:
             (sample.name, frozenset(sample.labels.items())): sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
+        }
+
+    def exemplar_trace_ids(self, family: str) -> set[str]:
+        """Trace ids of the exemplars on ``family``'s buckets (OpenMetrics exposition)."""
+        response = requests.get(
+            f"http://127.0.0.1:{self.metrics_port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+            timeout=10,
+        )
+        return {
+            sample.exemplar.labels["trace_id"]
+            for parsed in parse_openmetrics(response.text)
+            if parsed.name == family
+            for sample in parsed.samples
+            if sample.exemplar is not None
         }
 
     def value(self, name: str, **labels: str) -> float:
@@ -271,6 +287,9 @@ def test_a_request_that_starts_a_chain_yields_one_connected_trace(tmp_path: Path
         assert wait_for(lambda: len([s for s in trace_spans() if s["name"].startswith("run/")]) == 3, timeout=60), (
             traced.log_path.read_text()[-3000:]
         )
+        # The task histograms point at the trace: each exemplar names a run of this chain.
+        assert traced.exemplar_trace_ids("celery_task_runtime_seconds") == {trace_id}
+        assert traced.exemplar_trace_ids("celery_task_queue_wait_seconds") == {trace_id}
     finally:
         stop_worker(traced)
         redis.Redis.from_url(redis_url).delete(traced.queue)

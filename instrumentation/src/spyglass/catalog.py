@@ -225,7 +225,10 @@ CATALOG: tuple[MetricSpec, ...] = (
         type="histogram",
         unit="seconds",
         labels=("task_name", "queue"),
-        description="Time a task execution ran in the worker, from start to end, whatever its outcome.",
+        description=(
+            "Time a task execution ran in the worker, from start to end, whatever its outcome; exemplars "
+            "carry the run span's trace_id."
+        ),
         source="celery",
         buckets=CELERY_DURATION_BUCKETS,
     ),
@@ -236,7 +239,8 @@ CATALOG: tuple[MetricSpec, ...] = (
         labels=("task_name", "queue"),
         description=(
             "Time from publish (or from the ETA of a countdown/ETA task) until a worker started the task: "
-            "broker wait plus prefetch wait. Needs the publisher instrumented and agreeing clocks."
+            "broker wait plus prefetch wait. Needs the publisher instrumented and agreeing clocks; exemplars "
+            "carry the run span's trace_id."
         ),
         source="celery",
         buckets=CELERY_DURATION_BUCKETS,

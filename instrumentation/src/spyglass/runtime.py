@@ -81,7 +81,7 @@ class Telemetry:
             return None
         with _lock:
             if self._celery_metrics is None:
-                self._celery_metrics = CeleryMetrics(REGISTRY)
+                self._celery_metrics = CeleryMetrics(REGISTRY, self.exemplar_file)
             return self._celery_metrics
 
     def flush(self, timeout_millis: int = 10000) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Celery, current_app, signals
+from opentelemetry import trace
 
 from spyglass import runtime
 from spyglass.metrics.instruments import CeleryMetrics
@@ -81,7 +82,6 @@ def install_auto_instrumentation() -> None:
 def _connect_signals() -> None:
     receivers = (
         (signals.before_task_publish, _before_task_publish),
-        (signals.task_prerun, _task_prerun),
         (signals.task_failure, _task_failure),
         (signals.task_postrun, _task_postrun),
         (signals.task_revoked, _task_revoked),
@@ -91,7 +91,10 @@ def _connect_signals() -> None:
     )
     for signal, receiver in receivers:
         signal.connect(receiver, weak=False, dispatch_uid=_DISPATCH_UID)
+    # Receivers run in the order they were connected: spyglass's task_postrun runs while the run
+    # span is still current, and its task_prerun once the run span is (for exemplars and log ids).
     _instrument_traces()
+    signals.task_prerun.connect(_task_prerun, weak=False, dispatch_uid=_DISPATCH_UID)
 
 
 def _instrument_traces() -> None:
@@ -176,7 +179,8 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
         return
     request = task.request
     execution = _running[task_id] = _Execution(_task_label(task.name), _queue_of(request))
-    metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()))
+    trace_id, span_id = _sampled_span_ids()
+    metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()), trace_id, span_id)
     # Every line logged while the task runs (Celery's "succeeded" line included) names it.
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
 
@@ -201,7 +205,18 @@ def _task_postrun(task_id: str | None = None, state: str | None = None, **_extra
     else:
         # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
         outcome = _OUTCOMES.get(state or "", "success" if state == "IGNORED" else "failure")
-    metrics.finished(execution.name, execution.queue, outcome, time.perf_counter() - execution.started)
+    trace_id, span_id = _sampled_span_ids()
+    metrics.finished(
+        execution.name, execution.queue, outcome, time.perf_counter() - execution.started, trace_id, span_id
+    )
+
+
+def _sampled_span_ids() -> tuple[str, str]:
+    """Hex ids of the current span if it is sampled (the task's run span), else empty strings."""
+    context = trace.get_current_span().get_span_context()
+    if not (context.is_valid and context.trace_flags.sampled):
+        return "", ""
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
 def _type_name(exception: BaseException) -> str:

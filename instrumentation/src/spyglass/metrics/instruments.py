@@ -119,8 +119,9 @@ class HttpServerMetrics(_Registered):
 class CeleryMetrics(_Registered):
     """Celery task metrics, recorded from Celery's signals in publishers and workers."""
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, exemplars: ExemplarFile | None = None) -> None:
         super().__init__(registry)
+        self._exemplars = exemplars
         self._published = self._build("celery_task_published_total")
         self._completed = self._build("celery_task_completed_total")
         self._failures = self._build("celery_task_failures_total")
@@ -128,6 +129,10 @@ class CeleryMetrics(_Registered):
         self._queue_wait = self._build("celery_task_queue_wait_seconds")
         self._active = self._build("celery_tasks_active")
         self._bounds = (*by_name("celery_task_runtime_seconds").buckets, float("inf"))
+        self._family_of = {
+            id(self._runtime): "celery_task_runtime_seconds",
+            id(self._queue_wait): "celery_task_queue_wait_seconds",
+        }
         self._values: dict[tuple, _Value] = {}
         self._histograms: dict[tuple, _FastHistogram] = {}
 
@@ -138,29 +143,55 @@ class CeleryMetrics(_Registered):
             value = self._values[key] = _value_of(metric.labels(*labels))
         return value
 
-    def _observe(self, metric: Histogram, task_name: str, queue: str, seconds: float) -> None:
+    def _observe(
+        self, metric: Histogram, task_name: str, queue: str, seconds: float, trace_id: str, span_id: str
+    ) -> None:
         key = (id(metric), task_name, queue)
         histogram = self._histograms.get(key)
         if histogram is None:
             histogram = self._histograms[key] = _FastHistogram(metric.labels(task_name, queue), self._bounds)
         histogram.sum.inc(seconds)
-        histogram.buckets[bisect_left(self._bounds, seconds)].inc(1)
+        bucket = histogram.buckets[bisect_left(self._bounds, seconds)]
+        bucket.inc(1)
+        if not trace_id:
+            return
+        now = time.time()
+        if self._exemplars is None:
+            bucket.set_exemplar(Exemplar({"trace_id": trace_id, "span_id": span_id}, seconds, now))
+        else:
+            self._exemplars.record(
+                self._family_of[id(metric)],
+                (task_name, queue),
+                ("task_name", "queue"),
+                self._bounds,
+                seconds,
+                now,
+                bytes.fromhex(trace_id),
+                bytes.fromhex(span_id),
+            )
 
     def published(self, task_name: str, queue: str) -> None:
         """Count one published task message."""
         self._value(self._published, task_name, queue).inc(1)
 
-    def started(self, task_name: str, queue: str, queue_wait_seconds: float | None) -> None:
-        """A worker process started a task (``queue_wait_seconds`` is ``None`` when unknown)."""
+    def started(
+        self, task_name: str, queue: str, queue_wait_seconds: float | None, trace_id: str = "", span_id: str = ""
+    ) -> None:
+        """A worker process started a task (``queue_wait_seconds`` is ``None`` when unknown).
+
+        ``trace_id`` and ``span_id`` (hex) of a sampled run span become the queue wait's exemplar.
+        """
         self._value(self._active, queue).inc(1)
         if queue_wait_seconds is not None:
-            self._observe(self._queue_wait, task_name, queue, max(queue_wait_seconds, 0.0))
+            self._observe(self._queue_wait, task_name, queue, max(queue_wait_seconds, 0.0), trace_id, span_id)
 
-    def finished(self, task_name: str, queue: str, outcome: str, runtime_seconds: float) -> None:
-        """A task execution started with :meth:`started` ended with ``outcome``."""
+    def finished(
+        self, task_name: str, queue: str, outcome: str, runtime_seconds: float, trace_id: str = "", span_id: str = ""
+    ) -> None:
+        """A task execution started with :meth:`started` ended with ``outcome`` (ids: the runtime's exemplar)."""
         self._value(self._active, queue).inc(-1)
         self._value(self._completed, task_name, queue, outcome).inc(1)
-        self._observe(self._runtime, task_name, queue, runtime_seconds)
+        self._observe(self._runtime, task_name, queue, runtime_seconds, trace_id, span_id)
 
     def ended_unstarted(self, task_name: str, queue: str, outcome: str) -> None:
         """A task that never ran ended (revoked, expired, rejected)."""
