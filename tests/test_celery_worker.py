@@ -161,6 +161,9 @@ def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(
     assert worker.value("celery_task_failures_total", task_name="tasks.boom", exception_type="KeyError") == 1
     assert worker.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == 6
     assert worker.value("celery_tasks_active") == 0
+    # The main process reads its queue's depth from the broker at scrape time: all consumed.
+    assert ("celery_queue_length", frozenset({("queue", worker.queue)})) in worker.samples()
+    assert worker.value("celery_queue_length") == 0
 
 
 def test_celery_log_lines_come_out_as_spyglass_json(publisher, worker) -> None:

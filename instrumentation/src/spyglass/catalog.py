@@ -254,6 +254,28 @@ CATALOG: tuple[MetricSpec, ...] = (
         source="celery",
         multiprocess_mode="livesum",
     ),
+    MetricSpec(
+        name="celery_queue_length",
+        type="gauge",
+        unit="1",
+        labels=("queue",),
+        description=(
+            "Messages waiting in the broker for the queues the worker consumes, read at scrape time by the "
+            "worker's main process (Redis: all priority sub-queues; RabbitMQ: ready messages)."
+        ),
+        source="celery",
+    ),
+    MetricSpec(
+        name="celery_queue_oldest_message_age_seconds",
+        type="gauge",
+        unit="seconds",
+        labels=("queue",),
+        description=(
+            "Age of the oldest waiting message of the queue, from its publish-time stamp (Redis only, "
+            "instrumented publishers only; absent when the queue is empty)."
+        ),
+        source="celery",
+    ),
 )
 
 _BY_NAME = {spec.name: spec for spec in CATALOG}

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import TextMapPropagator
@@ -64,6 +65,8 @@ class Telemetry:
     exemplar_file: ExemplarFile | None = None
     _extra_collectors: list = field(default_factory=list)
     _celery_metrics: CeleryMetrics | None = None
+    _serving_registry: CollectorRegistry | None = None
+    _served_collectors: list = field(default_factory=list)
 
     @property
     def disabled(self) -> bool:
@@ -83,6 +86,15 @@ class Telemetry:
             if self._celery_metrics is None:
                 self._celery_metrics = CeleryMetrics(REGISTRY, self.exemplar_file)
             return self._celery_metrics
+
+    def serve_collector(self, collector: Any) -> bool:
+        """Add a collector to what this process's metrics endpoint serves; False if it serves none."""
+        with _lock:
+            if self._serving_registry is None:
+                return False
+            self._serving_registry.register(collector)
+            self._served_collectors.append(collector)
+            return True
 
     def flush(self, timeout_millis: int = 10000) -> bool:
         """Export every finished span now (before a worker exits, for example)."""
@@ -171,6 +183,8 @@ def _serve_metrics(state: Telemetry) -> None:
     if settings.metrics_port:
         serving = _serving_registry(state)
         state.metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, serving)
+        if state.metrics_server is not None:
+            state._serving_registry = serving
 
 
 def _resource_labels(settings: Settings) -> dict[str, str]:
@@ -263,6 +277,9 @@ def shutdown(timeout_millis: int = 10000) -> None:
                 metrics.unregister()
         for collector in state._extra_collectors:
             REGISTRY.unregister(collector)
+        if state._serving_registry is not None:
+            for collector in state._served_collectors:
+                state._serving_registry.unregister(collector)
         if state.exemplar_file is not None:
             state.exemplar_file.close()
         if not state.disabled:

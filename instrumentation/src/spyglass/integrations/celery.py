@@ -8,17 +8,20 @@ task's ETA), its runtime and its outcome.
 Processes: the main process of ``celery worker`` is the master (it owns the multi-process metrics
 directory and serves the one endpoint that sums its pool); each prefork pool process sets up its
 own telemetry after the fork (``worker_process_init``) and, when it exits (``max_tasks_per_child``
-recycling included), flushes and folds its counts into the totals (``worker_process_shutdown``).
+recycling included), exports its spans and log lines (``worker_process_shutdown``); the main
+process folds an exited pool process's counts into the totals before the next scrape.
 Celery's own logging setup is skipped (``setup_logging``), so its lines come out as spyglass JSON.
 
 Traces come from opentelemetry-instrumentation-celery (publish and run spans, context carried in
 the message headers; see :mod:`spyglass.integrations.celery_traces` for what is fixed), so a
 request and the tasks it starts share one trace.
 
+The worker's main process also serves the depth of its queues, read from the broker when
+scraped (:mod:`spyglass.metrics.broker_queues`).
+
 Still to come (issue 3): more fixes to those spans (revoked and rejected outcomes, semantic
-conventions), exemplars on task histograms, outcomes decided in the
-main process (terminated, hard time limit, lost workers), broker queue metrics, beat, and pools
-other than prefork.
+conventions), outcomes decided in the main process for running tasks (terminated, hard time
+limit, lost workers), beat, and pools other than prefork.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from celery import Celery, current_app, signals
 from opentelemetry import trace
 
 from spyglass import runtime
+from spyglass.metrics.broker_queues import BrokerQueueCollector, probe_for
 from spyglass.metrics.instruments import CeleryMetrics
 
 __all__ = ["PUBLISHED_AT_HEADER", "UNREGISTERED_TASK", "install_auto_instrumentation", "instrument_celery"]
@@ -85,6 +89,7 @@ def _connect_signals() -> None:
         (signals.task_failure, _task_failure),
         (signals.task_postrun, _task_postrun),
         (signals.task_revoked, _task_revoked),
+        (signals.celeryd_after_setup, _serve_queue_lengths),
         (signals.worker_process_init, _worker_process_init),
         (signals.worker_process_shutdown, _worker_process_shutdown),
         (signals.setup_logging, _keep_spyglass_logging),
@@ -248,6 +253,20 @@ def _worker_process_shutdown(**_extra: Any) -> None:
     Its metric files stay; the main process folds them into the totals once it has exited.
     """
     runtime.shutdown()
+
+
+def _serve_queue_lengths(instance: Any = None, **_extra: Any) -> None:
+    """In the worker's main process, once its queues are known: serve their depth, read from the broker."""
+    state = runtime.current()
+    if state is None or instance is None:
+        return
+    app = instance.app
+    queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    with app.connection_for_read() as connection:
+        url = connection.as_uri(include_password=True)
+    probe = probe_for(url, app.conf.broker_transport_options)
+    if probe is not None and queues:
+        state.serve_collector(BrokerQueueCollector(probe, queues))
 
 
 def _keep_spyglass_logging(**_extra: Any) -> None:
