@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
 from prometheus_client.mmap_dict import MmapedDict
@@ -146,4 +147,45 @@ def test_a_scrape_while_a_worker_creates_its_file_still_succeeds(tmp_path: Path)
     (tmp_path / "counter_999999999.db").touch()  # a process that died creating its file
     collected = list(MultiProcessExemplarCollector(str(tmp_path)).collect())
     assert [s.value for family in collected for s in family.samples if s.name == "requests_total"] == [3.0]
+    multiprocess.compact_exited_processes(str(tmp_path))
     assert not (tmp_path / "counter_999999999.db").exists()
+    assert (tmp_path / f"counter_{os.getpid()}.db").exists()
+
+
+def test_a_thousand_exited_processes_leave_only_archive_files_and_keep_their_totals(tmp_path: Path) -> None:
+    """Folding in 1,000 exited pool processes: totals and newest exemplar kept, no per-process file left.
+
+    A scrape then reads a fixed number of files, however many processes have lived.
+    """
+    directory = str(tmp_path)
+    key = '["tasks", "tasks_total", {"task_name": "ok"}, "help"]'
+    first_dead_pid = 4_000_000  # above pid_max: no such process
+    for offset in range(1_000):
+        pid = first_dead_pid + offset
+        values = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        values.write_value(key, 1.0, 0.0)
+        values.close()
+        store = ExemplarFile(directory, str(pid))
+        record(store, 0.05, trace=offset + 1, timestamp=float(offset))
+        store.close()
+    folded = multiprocess.compact_exited_processes(directory)
+    assert len(folded) == 1_000
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_archive.db", "exemplars_archive.exm"]
+    collected = MultiProcessCollector(None, path=directory).collect()
+    assert sum(s.value for family in collected for s in family.samples if s.name == "tasks_total") == 1_000
+    assert read_exemplars(directory)[bucket_key("0.1")].labels["trace_id"] == f"{1_000:032x}"
+
+
+def test_the_serving_process_folds_in_exited_processes_in_the_background(tmp_path: Path) -> None:
+    """The compactor thread folds in a dead process's files within its interval, without a scrape."""
+    values = MmapedDict(str(tmp_path / "counter_4000001.db"))
+    values.write_value('["tasks", "tasks_total", {}, "help"]', 2.0, 0.0)
+    values.close()
+    compactor = multiprocess.ExitedProcessCompactor(str(tmp_path), interval=0.05).start()
+    try:
+        deadline = time.monotonic() + 5
+        while (tmp_path / "counter_4000001.db").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        compactor.stop()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_archive.db"]

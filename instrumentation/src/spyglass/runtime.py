@@ -67,6 +67,7 @@ class Telemetry:
     _celery_metrics: CeleryMetrics | None = None
     _serving_registry: CollectorRegistry | None = None
     _served_collectors: list = field(default_factory=list)
+    _compactor: multiprocess.ExitedProcessCompactor | None = None
 
     @property
     def disabled(self) -> bool:
@@ -225,6 +226,8 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             # The master handles no request: it owns the directory and serves the endpoint.
             state = Telemetry(settings, role, None, None, propagator, None, None, Redactor(settings.redact_keys))
             state.metrics_dir = directory
+            if directory:
+                state._compactor = multiprocess.ExitedProcessCompactor(directory).start()
             _serve_metrics(state)
             _state = state
             return state
@@ -272,6 +275,8 @@ def shutdown(timeout_millis: int = 10000) -> None:
             state.tracer_provider.shutdown()
         if state.metrics_server is not None:
             state.metrics_server.stop()
+        if state._compactor is not None:
+            state._compactor.stop()
         for metrics in (state.http_metrics, state.span_metrics, state._celery_metrics):
             if metrics is not None:
                 metrics.unregister()

@@ -16,7 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from spyglass.catalog import by_name
 from spyglass.metrics.exemplars import attach_exemplars, read_exemplars
-from spyglass.metrics.multiprocess import compact_exited_processes, scrape_lock
+from spyglass.metrics.multiprocess import scrape_lock
 
 __all__ = ["MultiProcessExemplarCollector", "ProcessTreeCollector", "ResourceInfoCollector"]
 
@@ -54,8 +54,7 @@ class MultiProcessExemplarCollector(MultiProcessCollector):
         self._directory = path
 
     def collect(self) -> Iterator[Metric]:  # type: ignore[override]
-        """Fold in exited processes, merge every process's files and attach the newest exemplar of each bucket."""
-        compact_exited_processes(self._directory)
+        """Merge every process's files and attach the newest exemplar of each bucket."""
         with scrape_lock():
             families = list(self.merge(_complete_files(self._directory), accumulate=True))
             exemplars = read_exemplars(self._directory)

@@ -10,6 +10,7 @@ that slow every scrape down.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 __all__ = [
     "ARCHIVE_ID",
+    "ExitedProcessCompactor",
     "compact_dead_process",
     "compact_exited_processes",
     "default_directory",
@@ -40,6 +42,7 @@ ARCHIVE_ID = "archive"
 _ADDITIVE_PREFIXES = ("counter", "histogram", "summary", "gauge_sum")
 
 _lock = threading.Lock()
+_logger = logging.getLogger("spyglass.metrics")
 _HEADER_SIZE = 8  # a value file starts with the number of its bytes in use
 
 
@@ -152,3 +155,39 @@ def _compact(pid: int, path: str) -> None:
             archive.close()
         os.unlink(dead)
     merge_exemplar_file(pid, path)
+
+
+class ExitedProcessCompactor:
+    """Folds in exited processes every ``interval`` seconds, from a daemon thread of the serving process.
+
+    Keeps scrapes cheap however many processes have lived: a scrape reads the files of the live
+    processes and one archive file per kind of value, and never does the folding itself.
+    """
+
+    def __init__(self, path: str, interval: float = 1.0) -> None:
+        self._path = path
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spyglass-metrics-compactor", daemon=True)
+
+    def start(self) -> ExitedProcessCompactor:
+        """Start the thread; returns self."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread (a last pass runs first)."""
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self._pass()
+        self._pass()
+
+    def _pass(self) -> None:
+        try:
+            compact_exited_processes(self._path)
+        except OSError as exc:  # a vanished directory at shutdown, a full disk: try again later
+            _logger.warning("could not fold in exited processes", extra={"error": str(exc)})
