@@ -166,6 +166,28 @@ def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(
     assert worker.value("celery_queue_length") == 0
 
 
+def test_hard_time_limit_and_a_killed_pool_process_are_counted_by_the_main_process(publisher, worker) -> None:
+    """Endings only the main process sees: the hard time limit, and a pool process that died (SIGKILL)."""
+    publisher.send_task("tasks.stuck", queue=worker.queue)
+    publisher.send_task("tasks.crash", (f"crash-{uuid.uuid4().hex}",), queue=worker.queue)
+    assert wait_for(
+        lambda: (
+            completed(worker, "tasks.stuck", "time_limit") == 1 and completed(worker, "tasks.crash", "worker_lost") == 1
+        ),
+        timeout=60,
+    ), worker.log_path.read_text()[-3000:]
+    failures = {
+        exception_type: worker.value("celery_task_failures_total", task_name=task, exception_type=exception_type)
+        for task, exception_type in (
+            ("tasks.stuck", "billiard.exceptions.TimeLimitExceeded"),
+            ("tasks.crash", "billiard.exceptions.WorkerLostError"),
+        )
+    }
+    assert failures == {"billiard.exceptions.TimeLimitExceeded": 1, "billiard.exceptions.WorkerLostError": 1}
+    # The killed processes' in-flight gauges are dropped once the main process folds them in.
+    assert wait_for(lambda: worker.value("celery_tasks_active") == 0, timeout=10)
+
+
 def test_celery_log_lines_come_out_as_spyglass_json(publisher, worker) -> None:
     """Worker start, task received and task succeeded are JSON lines with the service name, not Celery text."""
     publisher.send_task("tasks.ok", (7,), queue=worker.queue)

@@ -7,6 +7,8 @@ import spyglass.auto  # noqa: I001 - first, as the docs say
 
 import logging
 import os
+import signal
+import time
 
 import celery
 import redis
@@ -44,3 +46,17 @@ def chatty(order_id: int) -> None:
     """Log through structlog and through the standard library."""
     spyglass.get_logger("tasks").info("charging order", order_id=order_id)
     logging.getLogger("tasks.stdlib").warning("slow payment provider")
+
+
+@app.task(name="tasks.stuck", time_limit=1)
+def stuck() -> None:
+    """Run past its hard time limit: the main process kills the pool process."""
+    time.sleep(30)
+
+
+@app.task(name="tasks.crash")
+def crash(key: str) -> str:
+    """Kill the pool process running it (SIGKILL) on the first delivery."""
+    if redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).incr(key) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "survived"

@@ -19,9 +19,11 @@ request and the tasks it starts share one trace.
 The worker's main process also serves the depth of its queues, read from the broker when
 scraped (:mod:`spyglass.metrics.broker_queues`).
 
+The main process counts the endings it decides for running tasks: terminated (revoked), hard
+time limit, and a pool process that died (when the task is not requeued).
+
 Still to come (issue 3): more fixes to those spans (revoked and rejected outcomes, semantic
-conventions), outcomes decided in the main process for running tasks (terminated, hard time
-limit, lost workers), beat, and pools other than prefork.
+conventions), a task requeued after its pool process died, beat, and pools other than prefork.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import contextlib
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 import structlog
-from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import Celery, current_app, signals
 from opentelemetry import trace
 
@@ -89,6 +92,7 @@ def _connect_signals() -> None:
         (signals.task_failure, _task_failure),
         (signals.task_postrun, _task_postrun),
         (signals.task_revoked, _task_revoked),
+        (signals.task_received, _task_received),
         (signals.celeryd_after_setup, _serve_queue_lengths),
         (signals.worker_process_init, _worker_process_init),
         (signals.worker_process_shutdown, _worker_process_shutdown),
@@ -148,6 +152,10 @@ class _Execution:
 
 
 _running: dict[str, _Execution] = {}
+# In the main process: (task label, queue) of tasks handed to the pool, oldest first, bounded.
+_received: OrderedDict[str, tuple[str, str]] = OrderedDict()
+_RECEIVED_LIMIT = 10_000
+_MAIN_PROCESS_OUTCOMES: dict[type, str] = {TimeLimitExceeded: "time_limit", WorkerLostError: "worker_lost"}
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry", "REJECTED": "rejected"}
 
 
@@ -190,10 +198,15 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
 
 
-def _task_failure(task_id: str | None = None, exception: BaseException | None = None, **_extra: Any) -> None:
+def _task_failure(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_extra: Any
+) -> None:
     execution = _running.get(task_id or "")
     metrics = _metrics()
-    if execution is None or metrics is None or exception is None:
+    if metrics is None or exception is None:
+        return
+    if execution is None:  # not run in this process: the main process reporting on its pool
+        _ended_in_main_process(task_id, sender, exception)
         return
     execution.exception = exception
     metrics.failed(execution.name, execution.queue, _type_name(exception))
@@ -230,14 +243,38 @@ def _type_name(exception: BaseException) -> str:
 
 
 # -- tasks that end without running (in the worker's main process) ------------------------------
+def _task_received(request: Any = None, **_extra: Any) -> None:
+    """Remember the queue of each task the main process hands to the pool, for endings seen there."""
+    if request is None:
+        return
+    _received[request.id] = (_task_label(request.name), _queue_of(request))
+    if len(_received) > _RECEIVED_LIMIT:
+        _received.popitem(last=False)
+
+
+def _ended_in_main_process(task_id: str | None, task: Any, exception: BaseException) -> None:
+    """Count a running task that the main process saw end: hard time limit, or its pool process died."""
+    outcome = _MAIN_PROCESS_OUTCOMES.get(type(exception))
+    metrics = _metrics()
+    if outcome is None or metrics is None:
+        return
+    name, queue = _received.pop(task_id or "", (None, None))
+    if name is None:
+        name = _task_label(getattr(task, "name", None))
+        queue = _queue_of(getattr(task, "request", None))
+    metrics.failed(name, queue or "", _type_name(exception))
+    metrics.ended(name, queue or "", outcome)
+
+
 def _task_revoked(
     sender: Any = None, request: Any = None, expired: bool = False, terminated: bool = False, **_extra: Any
 ) -> None:
+    _received.pop(getattr(request, "id", None) or "", None)
     metrics = _metrics()
-    if metrics is None or request is None or terminated:  # terminated: it was running (to come)
+    if metrics is None or request is None:  # terminated too: the main process killed it while running
         return
     name = getattr(request, "task_name", None) or getattr(request, "task", None) or getattr(sender, "name", None)
-    metrics.ended_unstarted(_task_label(name), _queue_of(request), "expired" if expired else "revoked")
+    metrics.ended(_task_label(name), _queue_of(request), "expired" if expired else "revoked")
 
 
 # -- worker processes ------------------------------------------------------------------------------

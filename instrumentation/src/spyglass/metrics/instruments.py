@@ -193,8 +193,8 @@ class CeleryMetrics(_Registered):
         self._value(self._completed, task_name, queue, outcome).inc(1)
         self._observe(self._runtime, task_name, queue, runtime_seconds, trace_id, span_id)
 
-    def ended_unstarted(self, task_name: str, queue: str, outcome: str) -> None:
-        """A task that never ran ended (revoked, expired, rejected)."""
+    def ended(self, task_name: str, queue: str, outcome: str) -> None:
+        """An ending seen outside the pool process that ran the task (revoked, expired, time limit, lost)."""
         self._value(self._completed, task_name, queue, outcome).inc(1)
 
     def failed(self, task_name: str, queue: str, exception_type: str) -> None:
