@@ -21,6 +21,7 @@ import celery
 import pytest
 import redis
 import requests
+from kombu import Connection
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -340,3 +341,41 @@ def test_a_request_that_starts_a_chain_yields_one_connected_trace(tmp_path: Path
     chained = [span for span in publishes if span is not first_publish]
     assert all(by_id[span["parentSpanId"]]["name"] == "run/tasks.ok" for span in chained)
     assert {span["resource"]["service.name"]["stringValue"] for span in spans} == {"web", "worker"}
+
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def test_the_core_cases_hold_on_rabbitmq(tmp_path: Path, redis_url: str) -> None:
+    """On RabbitMQ: outcomes, failures, retry then success and queue length, as on Redis."""
+    rabbit = start_worker(tmp_path, RABBITMQ_URL, COUNTER_REDIS_URL=redis_url)
+    runtime.init(load_settings({"OTEL_SERVICE_NAME": "web", "SPYGLASS_METRICS_PORT": "0"}))
+    app = celery.Celery("web", broker=RABBITMQ_URL, set_as_current=False)
+    spyglass.instrument_celery(app)
+    try:
+        for number in range(3):
+            app.send_task("tasks.ok", (number,), queue=rabbit.queue)
+        app.send_task("tasks.boom", queue=rabbit.queue)
+        app.send_task("tasks.flaky", (f"flaky-{uuid.uuid4().hex}",), queue=rabbit.queue)
+
+        def all_done() -> bool:
+            return (
+                completed(rabbit, "tasks.ok", "success") == 3
+                and completed(rabbit, "tasks.boom", "failure") == 1
+                and completed(rabbit, "tasks.flaky", "success") == 1
+            )
+
+        assert wait_for(all_done, timeout=60), rabbit.log_path.read_text()[-3000:]
+        assert completed(rabbit, "tasks.flaky", "retry") == 1
+        assert rabbit.value("celery_task_failures_total", task_name="tasks.boom", exception_type="KeyError") == 1
+        assert rabbit.value("celery_task_queue_wait_seconds_count", task_name="tasks.ok") == 3
+        assert ("celery_queue_length", frozenset({("queue", rabbit.queue)})) in rabbit.samples()
+        assert rabbit.value("celery_queue_length") == 0
+    finally:
+        app.close()
+        runtime.shutdown()
+        stop_worker(rabbit)
+        with Connection(RABBITMQ_URL, connect_timeout=5) as connection:
+            channel = connection.channel()
+            channel.queue_delete(rabbit.queue)
+            channel.close()

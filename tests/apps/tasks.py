@@ -1,6 +1,7 @@
 """A Celery app instrumented the way a user does it: `import spyglass.auto` first, nothing else.
 
-Broker and queue come from CELERY_BROKER_URL and TEST_QUEUE (each test uses a queue of its own).
+Broker and queue come from CELERY_BROKER_URL and TEST_QUEUE (each test uses a queue of its own);
+tasks that count their runs keep the count in the Redis of COUNTER_REDIS_URL (default: the broker).
 """
 
 import spyglass.auto  # noqa: I001 - first, as the docs say
@@ -14,6 +15,11 @@ import celery
 import redis
 
 import spyglass
+
+
+def _counters() -> redis.Redis:
+    return redis.Redis.from_url(os.environ.get("COUNTER_REDIS_URL") or os.environ["CELERY_BROKER_URL"])
+
 
 app = celery.Celery("tasks", broker=os.environ["CELERY_BROKER_URL"])
 app.conf.task_default_queue = os.environ["TEST_QUEUE"]
@@ -35,7 +41,7 @@ def boom() -> None:
 @app.task(bind=True, name="tasks.flaky", max_retries=3, default_retry_delay=0)
 def flaky(self: celery.Task, key: str) -> int:
     """Ask for a retry on the first run (counted in Redis), succeed on the second."""
-    runs = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).incr(key)
+    runs = _counters().incr(key)
     if runs < 2:
         raise self.retry(countdown=0)
     return runs
@@ -57,6 +63,6 @@ def stuck() -> None:
 @app.task(name="tasks.crash")
 def crash(key: str) -> str:
     """Kill the pool process running it (SIGKILL) on the first delivery."""
-    if redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).incr(key) == 1:
+    if _counters().incr(key) == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return "survived"
