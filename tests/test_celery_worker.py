@@ -189,6 +189,18 @@ def test_hard_time_limit_and_a_killed_pool_process_are_counted_by_the_main_proce
     assert wait_for(lambda: worker.value("celery_tasks_active") == 0, timeout=10)
 
 
+def test_a_running_task_revoked_with_terminate_is_counted_as_revoked(publisher, worker) -> None:
+    """revoke(terminate=True) of a running task: the main process kills it and counts outcome revoked."""
+    result = publisher.send_task("tasks.sleepy", queue=worker.queue)
+    assert wait_for(lambda: worker.value("celery_tasks_active") == 1, timeout=30)
+    publisher.control.revoke(result.id, terminate=True)
+    assert wait_for(lambda: completed(worker, "tasks.sleepy", "revoked") == 1, timeout=30), worker.log_path.read_text()[
+        -3000:
+    ]
+    assert wait_for(lambda: worker.value("celery_tasks_active") == 0, timeout=10)
+    assert completed(worker, "tasks.sleepy", "failure") == 0
+
+
 def test_celery_log_lines_come_out_as_spyglass_json(publisher, worker) -> None:
     """Worker start, task received and task succeeded are JSON lines with the service name, not Celery text."""
     publisher.send_task("tasks.ok", (7,), queue=worker.queue)

@@ -66,3 +66,9 @@ def crash(key: str) -> str:
     if _counters().incr(key) == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return "survived"
+
+
+@app.task(name="tasks.sleepy")
+def sleepy() -> None:
+    """Run for a long time (until revoked with terminate=True)."""
+    time.sleep(60)

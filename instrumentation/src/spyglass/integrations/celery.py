@@ -218,8 +218,13 @@ def _task_postrun(task_id: str | None = None, state: str | None = None, **_extra
     metrics = _metrics()
     if execution is None or metrics is None:
         return
+    outcome: str | None
     if isinstance(execution.exception, SoftTimeLimitExceeded | TimeLimitExceeded):
         outcome = "time_limit"
+    elif state is None:
+        # Interrupted (SIGTERM from revoke(terminate=True), SystemExit): Celery reports no state,
+        # and the main process counts how it ended (revoked, worker lost).
+        outcome = None
     else:
         # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
         outcome = _OUTCOMES.get(state or "", "success" if state == "IGNORED" else "failure")

@@ -186,11 +186,21 @@ class CeleryMetrics(_Registered):
             self._observe(self._queue_wait, task_name, queue, max(queue_wait_seconds, 0.0), trace_id, span_id)
 
     def finished(
-        self, task_name: str, queue: str, outcome: str, runtime_seconds: float, trace_id: str = "", span_id: str = ""
+        self,
+        task_name: str,
+        queue: str,
+        outcome: str | None,
+        runtime_seconds: float,
+        trace_id: str = "",
+        span_id: str = "",
     ) -> None:
-        """A task execution started with :meth:`started` ended with ``outcome`` (ids: the runtime's exemplar)."""
+        """A task execution started with :meth:`started` ended (ids: the runtime's exemplar).
+
+        ``outcome`` ``None``: another process counts how it ended (the worker's main process).
+        """
         self._value(self._active, queue).inc(-1)
-        self._value(self._completed, task_name, queue, outcome).inc(1)
+        if outcome is not None:
+            self._value(self._completed, task_name, queue, outcome).inc(1)
         self._observe(self._runtime, task_name, queue, runtime_seconds, trace_id, span_id)
 
     def ended(self, task_name: str, queue: str, outcome: str) -> None:
