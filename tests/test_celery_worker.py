@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(
     assert worker.value("celery_task_failures_total", task_name="tasks.boom", exception_type="KeyError") == 1
     assert worker.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == 6
     assert worker.value("celery_tasks_active") == 0
+    assert worker.samples()[("celery_worker_pool_processes", frozenset())] == 2
     # The main process reads its queue's depth from the broker at scrape time: all consumed.
     assert ("celery_queue_length", frozenset({("queue", worker.queue)})) in worker.samples()
     assert worker.value("celery_queue_length") == 0
@@ -391,3 +393,34 @@ def test_the_core_cases_hold_on_rabbitmq(tmp_path: Path, redis_url: str) -> None
             channel = connection.channel()
             channel.queue_delete(rabbit.queue)
             channel.close()
+
+
+def test_beat_counts_what_it_sends_and_when_it_last_sent(tmp_path: Path, redis_url: str) -> None:
+    """Beat with a 0.5 s schedule: its endpoint counts the sends and keeps the last send time."""
+    queue = f"spyglass-beat-{uuid.uuid4().hex[:10]}"
+    metrics_port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
+    env.update(
+        CELERY_BROKER_URL=redis_url,
+        TEST_QUEUE=queue,
+        BEAT_EVERY_SECONDS="0.5",
+        OTEL_SERVICE_NAME="beat",
+        OTEL_TRACES_EXPORTER="none",
+        SPYGLASS_METRICS_PORT=str(metrics_port),
+        PYTHONPATH=str(REPO),
+    )
+    log_path = tmp_path / "beat.log"
+    command = [str(VENV_BIN / "celery"), "-A", "tests.apps.tasks", "beat", "--schedule", str(tmp_path / "schedule")]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    beat = Worker(process, metrics_port, queue, log_path)
+    try:
+        wait_for_port(metrics_port, process, timeout=60)
+        sent_key = ("celery_beat_tasks_sent_total", frozenset({("task_name", "tasks.ok")}))
+        assert wait_for(lambda: beat.samples().get(sent_key, 0) >= 3, timeout=30), log_path.read_text()[-3000:]
+        last_sent = beat.samples()[("celery_beat_last_sent_timestamp_seconds", frozenset({("task_name", "tasks.ok")}))]
+        assert time.time() - last_sent < 5
+        assert beat.value("celery_task_published_total", task_name="tasks.ok") >= 3
+    finally:
+        stop_worker(beat)
+        redis.Redis.from_url(redis_url).delete(queue)

@@ -24,6 +24,10 @@ def _counters() -> redis.Redis:
 app = celery.Celery("tasks", broker=os.environ["CELERY_BROKER_URL"])
 app.conf.task_default_queue = os.environ["TEST_QUEUE"]
 app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("BEAT_EVERY_SECONDS"):
+    app.conf.beat_schedule = {
+        "heartbeat": {"task": "tasks.ok", "schedule": float(os.environ["BEAT_EVERY_SECONDS"]), "args": (0,)}
+    }
 
 
 @app.task(name="tasks.ok")

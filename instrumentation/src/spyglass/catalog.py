@@ -255,6 +255,34 @@ CATALOG: tuple[MetricSpec, ...] = (
         multiprocess_mode="livesum",
     ),
     MetricSpec(
+        name="celery_worker_pool_processes",
+        type="gauge",
+        unit="1",
+        labels=(),
+        description=(
+            "Pool processes the Celery worker is configured to run (--concurrency); compare with "
+            "spyglass_worker_processes, the ones alive."
+        ),
+        source="celery",
+    ),
+    MetricSpec(
+        name="celery_beat_tasks_sent_total",
+        type="counter",
+        unit="1",
+        labels=("task_name",),
+        description="Tasks celery beat sent on schedule, by task.",
+        source="celery",
+    ),
+    MetricSpec(
+        name="celery_beat_last_sent_timestamp_seconds",
+        type="gauge",
+        unit="seconds",
+        labels=("task_name",),
+        description="Unix time celery beat last sent each scheduled task; a stalled beat shows as a growing age.",
+        source="celery",
+        multiprocess_mode="max",
+    ),
+    MetricSpec(
         name="celery_queue_length",
         type="gauge",
         unit="1",

@@ -20,10 +20,11 @@ The worker's main process also serves the depth of its queues, read from the bro
 scraped (:mod:`spyglass.metrics.broker_queues`).
 
 The main process counts the endings it decides for running tasks: terminated (revoked), hard
-time limit, and a pool process that died (when the task is not requeued).
+time limit, and a pool process that died (when the task is not requeued); it also serves the
+configured pool size. celery beat counts what it sends on schedule and when it last sent it.
 
 Still to come (issue 3): more fixes to those spans (revoked and rejected outcomes, semantic
-conventions), a task requeued after its pool process died, beat, and pools other than prefork.
+conventions), a task requeued after its pool process died, and pools other than prefork.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -40,8 +42,10 @@ import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import Celery, current_app, signals
 from opentelemetry import trace
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from spyglass import runtime
+from spyglass.catalog import by_name
 from spyglass.metrics.broker_queues import BrokerQueueCollector, probe_for
 from spyglass.metrics.instruments import CeleryMetrics
 
@@ -93,12 +97,14 @@ def _connect_signals() -> None:
         (signals.task_postrun, _task_postrun),
         (signals.task_revoked, _task_revoked),
         (signals.task_received, _task_received),
-        (signals.celeryd_after_setup, _serve_queue_lengths),
+        (signals.celeryd_after_setup, _worker_set_up),
+        (signals.beat_init, _beat_started),
+        (signals.beat_embedded_init, _beat_started),
         (signals.worker_process_init, _worker_process_init),
         (signals.worker_process_shutdown, _worker_process_shutdown),
         (signals.setup_logging, _keep_spyglass_logging),
     )
-    for signal, receiver in receivers:
+    for signal, receiver in receivers:  # one receiver per signal: the dispatch uid is per signal
         signal.connect(receiver, weak=False, dispatch_uid=_DISPATCH_UID)
     # Receivers run in the order they were connected: spyglass's task_postrun runs while the run
     # span is still current, and its task_prerun once the run span is (for exemplars and log ids).
@@ -132,12 +138,25 @@ def _before_task_publish(
     **_extra: Any,
 ) -> None:
     """Stamp the publish time into the message headers and count the message."""
+    now = time.time()
     if headers is not None:
-        headers[PUBLISHED_AT_HEADER] = time.time()
+        headers[PUBLISHED_AT_HEADER] = now
     state = runtime.current()
     metrics = state.celery_metrics() if state is not None else None
     if metrics is not None:
-        metrics.published(_task_label(sender or (headers or {}).get("task")), routing_key or "")
+        label = _task_label(sender or (headers or {}).get("task"))
+        metrics.published(label, routing_key or "")
+        if _in_beat:
+            metrics.beat_sent(label, now)
+
+
+_in_beat = False
+
+
+def _beat_started(**_extra: Any) -> None:
+    """Mark this process as running celery beat: what it publishes is the schedule's work."""
+    global _in_beat
+    _in_beat = True
 
 
 # -- running tasks (in the pool process that runs them) ----------------------------------------
@@ -309,6 +328,32 @@ def _serve_queue_lengths(instance: Any = None, **_extra: Any) -> None:
     probe = probe_for(url, app.conf.broker_transport_options)
     if probe is not None and queues:
         state.serve_collector(BrokerQueueCollector(probe, queues))
+
+
+class _PoolSizeCollector:
+    """``celery_worker_pool_processes``: the worker's configured concurrency."""
+
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the configured number of pool processes."""
+        spec = by_name("celery_worker_pool_processes")
+        family = GaugeMetricFamily(spec.name, spec.description)
+        family.add_metric([], float(self._worker.concurrency or 0))
+        yield family
+
+
+def _serve_pool_size(instance: Any = None, **_extra: Any) -> None:
+    state = runtime.current()
+    if state is not None and instance is not None:
+        state.serve_collector(_PoolSizeCollector(instance))
+
+
+def _worker_set_up(instance: Any = None, **_extra: Any) -> None:
+    """``celeryd_after_setup``, in the worker's main process: serve the pool size and queue depths."""
+    _serve_pool_size(instance)
+    _serve_queue_lengths(instance)
 
 
 def _keep_spyglass_logging(**_extra: Any) -> None:

@@ -128,6 +128,8 @@ class CeleryMetrics(_Registered):
         self._runtime = self._build("celery_task_runtime_seconds")
         self._queue_wait = self._build("celery_task_queue_wait_seconds")
         self._active = self._build("celery_tasks_active")
+        self._beat_sent = self._build("celery_beat_tasks_sent_total")
+        self._beat_last_sent = self._build("celery_beat_last_sent_timestamp_seconds")
         self._bounds = (*by_name("celery_task_runtime_seconds").buckets, float("inf"))
         self._family_of = {
             id(self._runtime): "celery_task_runtime_seconds",
@@ -207,6 +209,11 @@ class CeleryMetrics(_Registered):
         """An ending seen outside the pool process that ran the task (revoked, expired, time limit, lost)."""
         self._value(self._completed, task_name, queue, outcome).inc(1)
 
+    def beat_sent(self, task_name: str, when: float) -> None:
+        """Count that beat sent ``task_name`` on schedule, at Unix time ``when``."""
+        self._value(self._beat_sent, task_name).inc(1)
+        self._value(self._beat_last_sent, task_name).set(when)
+
     def failed(self, task_name: str, queue: str, exception_type: str) -> None:
         """A task execution raised ``exception_type``."""
         self._value(self._failures, task_name, queue, exception_type).inc(1)
@@ -216,6 +223,8 @@ class _Value(Protocol):
     """A prometheus_client value cell (in memory, or in a multi-process mmap file)."""
 
     def inc(self, amount: float) -> None: ...
+
+    def set(self, value: float) -> None: ...
 
     def set_exemplar(self, exemplar: Exemplar) -> None: ...
 
