@@ -93,27 +93,13 @@ class HttpServerMetrics(_Registered):
         series = (method, route, status)
         child = self._children.get(series)
         if child is None:
-            child = self._children[series] = _FastHistogram(self._duration.labels(*series), self._bounds)
-        index = bisect_left(self._bounds, seconds)
-        child.sum.inc(seconds)
-        bucket = child.buckets[index]
-        bucket.inc(1)
-        if not trace_id:
-            return
-        now = time.time()
-        if self._exemplars is None:
-            bucket.set_exemplar(Exemplar({"trace_id": trace_id, "span_id": span_id}, seconds, now))
-        else:
-            self._exemplars.record(
-                self._family,
-                series,
-                self._labelnames,
-                self._bounds,
-                seconds,
-                now,
-                bytes.fromhex(trace_id),
-                bytes.fromhex(span_id),
+            child = self._children[series] = _FastHistogram(
+                self._duration.labels(*series), self._family, series, self._labelnames, self._bounds, self._exemplars
             )
+        child.observe(seconds, trace_id, span_id)
+
+
+_TASK_LABELS = ("task_name", "queue")
 
 
 class CeleryMetrics(_Registered):
@@ -151,26 +137,11 @@ class CeleryMetrics(_Registered):
         key = (id(metric), task_name, queue)
         histogram = self._histograms.get(key)
         if histogram is None:
-            histogram = self._histograms[key] = _FastHistogram(metric.labels(task_name, queue), self._bounds)
-        histogram.sum.inc(seconds)
-        bucket = histogram.buckets[bisect_left(self._bounds, seconds)]
-        bucket.inc(1)
-        if not trace_id:
-            return
-        now = time.time()
-        if self._exemplars is None:
-            bucket.set_exemplar(Exemplar({"trace_id": trace_id, "span_id": span_id}, seconds, now))
-        else:
-            self._exemplars.record(
-                self._family_of[id(metric)],
-                (task_name, queue),
-                ("task_name", "queue"),
-                self._bounds,
-                seconds,
-                now,
-                bytes.fromhex(trace_id),
-                bytes.fromhex(span_id),
+            series = (task_name, queue)
+            histogram = self._histograms[key] = _FastHistogram(
+                metric.labels(*series), self._family_of[id(metric)], series, _TASK_LABELS, self._bounds, self._exemplars
             )
+        histogram.observe(seconds, trace_id, span_id)
 
     def published(self, task_name: str, queue: str) -> None:
         """Count one published task message."""
@@ -238,23 +209,59 @@ def _value_of(child: Counter | Gauge) -> _Value:
 
 
 class _FastHistogram:
-    """The sum and bucket cells of a labelled histogram child, for recording without per-call checks.
+    """A labelled histogram child recorded without per-call checks, with trace exemplars.
 
     ``Histogram.observe`` validates the child and every exemplar on each call and scans the bucket
-    bounds in Python; the request path needs none of that: its values and exemplar labels are
-    valid by construction, and the bucket is found by bisection.
+    bounds in Python; the hot paths need none of that: their values and exemplar labels are valid
+    by construction, and the bucket is found by bisection. Exemplars go to the child's bucket in a
+    single process, to this process's exemplar file in multi-process mode.
     """
 
-    __slots__ = ("buckets", "sum")
+    __slots__ = ("_bounds", "_buckets", "_exemplars", "_family", "_labelnames", "_series", "_sum")
 
-    def __init__(self, child: Histogram, bounds: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        child: Histogram,
+        family: str,
+        series: tuple[str, ...],
+        labelnames: tuple[str, ...],
+        bounds: tuple[float, ...],
+        exemplars: ExemplarFile | None,
+    ) -> None:
         buckets = getattr(child, "_buckets", None)
         total = getattr(child, "_sum", None)
         if buckets is None or total is None or tuple(getattr(child, "_upper_bounds", ())) != bounds:
             # pragma: no cover - guards a prometheus_client upgrade
             raise TypeError("this prometheus_client version hides its histogram values from spyglass")
-        self.sum: _Value = total
-        self.buckets: list[_Value] = buckets
+        self._sum: _Value = total
+        self._buckets: list[_Value] = buckets
+        self._family = family
+        self._series = series
+        self._labelnames = labelnames
+        self._bounds = bounds
+        self._exemplars = exemplars
+
+    def observe(self, seconds: float, trace_id: str = "", span_id: str = "") -> None:
+        """Record one value; ``trace_id``/``span_id`` (hex) of a sampled span become the bucket's exemplar."""
+        self._sum.inc(seconds)
+        bucket = self._buckets[bisect_left(self._bounds, seconds)]
+        bucket.inc(1)
+        if not trace_id:
+            return
+        now = time.time()
+        if self._exemplars is None:
+            bucket.set_exemplar(Exemplar({"trace_id": trace_id, "span_id": span_id}, seconds, now))
+        else:
+            self._exemplars.record(
+                self._family,
+                self._series,
+                self._labelnames,
+                self._bounds,
+                seconds,
+                now,
+                bytes.fromhex(trace_id),
+                bytes.fromhex(span_id),
+            )
 
 
 class SpanPipelineMetrics(_Registered):
