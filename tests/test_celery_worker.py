@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import celery
@@ -201,6 +202,20 @@ def test_a_running_task_revoked_with_terminate_is_counted_as_revoked(publisher, 
     ]
     assert wait_for(lambda: worker.value("celery_tasks_active") == 0, timeout=10)
     assert completed(worker, "tasks.sleepy", "failure") == 0
+
+
+def test_expired_and_rejected_tasks_are_counted_once_with_their_outcome(publisher, worker) -> None:
+    """A task received after its expiry counts as expired; one that rejects its message, as rejected."""
+    publisher.send_task("tasks.ok", (1,), queue=worker.queue, expires=datetime.now(UTC) - timedelta(seconds=5))
+    publisher.send_task("tasks.refuse", queue=worker.queue)
+    assert wait_for(
+        lambda: completed(worker, "tasks.ok", "expired") == 1 and completed(worker, "tasks.refuse", "rejected") == 1,
+        timeout=60,
+    ), worker.log_path.read_text()[-3000:]
+    time.sleep(1)  # anything counted twice would show by now
+    assert completed(worker, "tasks.ok", "success") == 0
+    assert completed(worker, "tasks.refuse", "failure") == 0
+    assert completed(worker, "tasks.refuse", "rejected") == 1
 
 
 def test_celery_log_lines_come_out_as_spyglass_json(publisher, worker) -> None:

@@ -13,6 +13,7 @@ import time
 
 import celery
 import redis
+from celery.exceptions import Reject
 
 import spyglass
 
@@ -76,3 +77,9 @@ def crash(key: str) -> str:
 def sleepy() -> None:
     """Run for a long time (until revoked with terminate=True)."""
     time.sleep(60)
+
+
+@app.task(name="tasks.refuse")
+def refuse() -> None:
+    """Reject its message without requeueing it."""
+    raise Reject("not for us", requeue=False)
