@@ -22,6 +22,13 @@ VENV_BIN = Path(sys.executable).parent
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
+def clean_environment(**overrides: str) -> dict[str, str]:
+    """The environment of this process minus telemetry settings (OTEL_*, SPYGLASS_*, PROMETHEUS_*), plus overrides."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
+    env.update(overrides)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,7 +104,7 @@ def start_gunicorn(
 ) -> Gunicorn:
     app_port, metrics_port = free_port(), free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
+    env = clean_environment()
     env.update(
         OTEL_SERVICE_NAME="shop",
         OTEL_RESOURCE_ATTRIBUTES="service.version=1.2.3,deployment.environment.name=test",

@@ -23,7 +23,7 @@ import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
 from spyglass.integrations.celery import PUBLISHED_AT_HEADER, UNREGISTERED_TASK
-from tests.conftest import read_spans
+from tests.conftest import clean_environment, read_spans
 
 PUBLISHED = "celery_task_published_total"
 
@@ -154,7 +154,7 @@ def test_publishing_a_task_the_publisher_does_not_know_ends_its_span_and_leaks_n
     """send_task by name: the publish span covers the publish, then ends; later spans are not its children."""
     queue = f"spyglass-test-{uuid.uuid4().hex[:12]}"
     traces = tmp_path / "traces.jsonl"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+    environment = clean_environment()
     environment.update(
         SPYGLASS_METRICS_PORT="0", OTEL_TRACES_EXPORTER="otlp_json_file", SPYGLASS_TRACES_FILE=str(traces)
     )

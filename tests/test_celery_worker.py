@@ -8,7 +8,6 @@ worker's single metrics endpoint (served by its main process, summing the pool p
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
-from tests.conftest import REPO, free_port, read_spans, wait_for, wait_for_port
+from tests.conftest import REPO, clean_environment, free_port, read_spans, wait_for, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -73,7 +72,7 @@ class Worker:
 def start_worker(tmp: Path, redis_url: str, *args: str, **env_overrides: str) -> Worker:
     queue = f"spyglass-worker-{uuid.uuid4().hex[:10]}"
     metrics_port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
+    env = clean_environment()
     env.update(
         CELERY_BROKER_URL=redis_url,
         TEST_QUEUE=queue,
@@ -145,16 +144,16 @@ def completed(worker: Worker, task: str, outcome: str) -> float:
     return worker.value("celery_task_completed_total", task_name=task, outcome=outcome)
 
 
-def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(publisher, worker) -> None:
-    """Successes, a failure and a retry-then-success are counted once each, over both pool processes."""
-    for number in range(6):
+def check_core_cases(publisher: celery.Celery, worker: Worker, successes: int) -> None:
+    """Publish successes, a failure and a retry-then-success; each is counted once, with queue wait and depth."""
+    for number in range(successes):
         publisher.send_task("tasks.ok", (number,), queue=worker.queue)
     publisher.send_task("tasks.boom", queue=worker.queue)
     publisher.send_task("tasks.flaky", (f"flaky-{uuid.uuid4().hex}",), queue=worker.queue)
 
     def all_done() -> bool:
         return (
-            completed(worker, "tasks.ok", "success") == 6
+            completed(worker, "tasks.ok", "success") == successes
             and completed(worker, "tasks.boom", "failure") == 1
             and completed(worker, "tasks.flaky", "success") == 1
         )
@@ -162,12 +161,18 @@ def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(
     assert wait_for(all_done, timeout=60), worker.log_path.read_text()[-3000:]
     assert completed(worker, "tasks.flaky", "retry") == 1
     assert worker.value("celery_task_failures_total", task_name="tasks.boom", exception_type="KeyError") == 1
-    assert worker.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == 6
+    assert worker.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == successes
+    assert worker.value("celery_task_queue_wait_seconds_count", task_name="tasks.ok") == successes
     assert worker.value("celery_tasks_active") == 0
-    assert worker.samples()[("celery_worker_pool_processes", frozenset())] == 2
     # The main process reads its queue's depth from the broker at scrape time: all consumed.
     assert ("celery_queue_length", frozenset({("queue", worker.queue)})) in worker.samples()
     assert worker.value("celery_queue_length") == 0
+
+
+def test_outcomes_runtime_and_failures_of_a_prefork_pool_add_up_on_one_endpoint(publisher, worker) -> None:
+    """Successes, a failure and a retry-then-success are counted once each, over both pool processes."""
+    check_core_cases(publisher, worker, successes=6)
+    assert worker.samples()[("celery_worker_pool_processes", frozenset())] == 2
 
 
 def test_hard_time_limit_and_a_killed_pool_process_are_counted_by_the_main_process(publisher, worker) -> None:
@@ -324,7 +329,7 @@ def test_a_request_that_starts_a_chain_yields_one_connected_trace(tmp_path: Path
         OTEL_BSP_SCHEDULE_DELAY="100",
     )
     try:
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+        env = clean_environment()
         env.update(
             CELERY_BROKER_URL=redis_url,
             TEST_QUEUE=traced.queue,
@@ -382,24 +387,7 @@ def test_the_core_cases_hold_on_rabbitmq(tmp_path: Path, redis_url: str) -> None
     app = celery.Celery("web", broker=RABBITMQ_URL, set_as_current=False)
     spyglass.instrument_celery(app)
     try:
-        for number in range(3):
-            app.send_task("tasks.ok", (number,), queue=rabbit.queue)
-        app.send_task("tasks.boom", queue=rabbit.queue)
-        app.send_task("tasks.flaky", (f"flaky-{uuid.uuid4().hex}",), queue=rabbit.queue)
-
-        def all_done() -> bool:
-            return (
-                completed(rabbit, "tasks.ok", "success") == 3
-                and completed(rabbit, "tasks.boom", "failure") == 1
-                and completed(rabbit, "tasks.flaky", "success") == 1
-            )
-
-        assert wait_for(all_done, timeout=60), rabbit.log_path.read_text()[-3000:]
-        assert completed(rabbit, "tasks.flaky", "retry") == 1
-        assert rabbit.value("celery_task_failures_total", task_name="tasks.boom", exception_type="KeyError") == 1
-        assert rabbit.value("celery_task_queue_wait_seconds_count", task_name="tasks.ok") == 3
-        assert ("celery_queue_length", frozenset({("queue", rabbit.queue)})) in rabbit.samples()
-        assert rabbit.value("celery_queue_length") == 0
+        check_core_cases(app, rabbit, successes=3)
     finally:
         app.close()
         runtime.shutdown()
@@ -414,7 +402,7 @@ def test_beat_counts_what_it_sends_and_when_it_last_sent(tmp_path: Path, redis_u
     """Beat with a 0.5 s schedule: its endpoint counts the sends and keeps the last send time."""
     queue = f"spyglass-beat-{uuid.uuid4().hex[:10]}"
     metrics_port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_", "PROMETHEUS_"))}
+    env = clean_environment()
     env.update(
         CELERY_BROKER_URL=redis_url,
         TEST_QUEUE=queue,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from spyglass.config import ConfigError, load_settings
+from tests.conftest import clean_environment
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_SOURCE = REPO / "instrumentation/src/spyglass/config.py"
@@ -86,7 +86,7 @@ def test_batch_size_may_not_exceed_queue_size() -> None:
 
 def test_a_bad_setting_stops_the_app_at_import_with_a_clear_message(tmp_path: Path) -> None:
     """`import spyglass.auto` with a typo in the environment exits with the variable named, no traceback noise."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+    env = clean_environment()
     env.update(OTEL_TRACES_SAMPLER="parentbased_alwayson", SPYGLASS_METRICS_PORT="0")
     result = subprocess.run(
         [sys.executable, "-c", "import spyglass.auto"], env=env, cwd=tmp_path, capture_output=True, text=True

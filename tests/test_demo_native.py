@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, read_spans, wait_for
+from tests.conftest import REPO, clean_environment, free_port, read_spans, wait_for
 
 
 def query(prometheus: str, expression: str) -> list[dict]:
@@ -29,7 +28,7 @@ def test_native_demo_is_scraped_with_exemplars_that_open_exported_traces(tmp_pat
         name: free_port()
         for name in ("DEMO_APP_PORT", "SPYGLASS_METRICS_PORT", "DEMO_PROMETHEUS_PORT", "DEMO_ALERTMANAGER_PORT")
     }
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+    env = clean_environment()
     env.update({name: str(port) for name, port in ports.items()})
     env.update(DEMO_VAR_DIR=str(tmp_path), DEMO_SECONDS="120", DEMO_RATE="30", OTEL_BSP_SCHEDULE_DELAY="500")
     demo = subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,11 +11,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, Gunicorn, read_spans, start_gunicorn, wait_for
+from tests.conftest import REPO, Gunicorn, clean_environment, read_spans, start_gunicorn, wait_for
 
 
 def run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SPYGLASS_"))}
+    env = clean_environment()
     env.update(
         SPYGLASS_METRICS_PORT="0",
         SPYGLASS_TRACES_FILE=str(tmp_path / "traces.jsonl"),

@@ -224,11 +224,15 @@ def test_recycled_workers_lose_no_spans_and_no_counts(tmp_path) -> None:
         metrics_dir = server.workdir / "metrics"
         # Exited workers are folded into archive files instead of leaving files of their own.
         master = psutil.Process(server.process.pid)
-        living = {str(master.pid)} | {str(child.pid) for child in master.children()}
-        owners = {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("*.db")}
-        owners |= {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("*.exm")}
-        assert owners - {"archive"} <= living, owners
-        assert "archive" in owners
+
+        def only_living_and_archive_files() -> bool:
+            owners = {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("*.db")}
+            owners |= {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("*.exm")}
+            # Listed after the files, so a worker started in between counts as living.
+            living = {str(master.pid)} | {str(child.pid) for child in master.children()}
+            return "archive" in owners and owners - {"archive"} <= living
+
+        assert wait_for(only_living_and_archive_files, timeout=10), sorted(path.name for path in metrics_dir.iterdir())
     finally:
         assert server.stop() == 0
     spans = [
