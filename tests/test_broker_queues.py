@@ -15,6 +15,7 @@ import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
 from spyglass.metrics.broker_queues import AmqpQueueProbe, BrokerQueueCollector, QueueDepth, RedisQueueProbe
+from tests.conftest import wait_for
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 OPTIONS = {"global_keyprefix": "shop:", "priority_steps": [0, 3, 6, 9], "queue_order_strategy": "priority"}
@@ -67,7 +68,9 @@ def test_rabbitmq_reports_ready_messages() -> None:
         for number in range(3):
             producer.publish({"n": number})
         try:
-            assert AmqpQueueProbe(RABBITMQ_URL).measure([name]) == {name: QueueDepth(3, None)}
+            probe = AmqpQueueProbe(RABBITMQ_URL)
+            # Publishes are not confirmed: the broker counts them a moment later.
+            assert wait_for(lambda: probe.measure([name]) == {name: QueueDepth(3, None)}, timeout=10)
         finally:
             bound.delete()
             channel.close()
