@@ -83,3 +83,17 @@ def sleepy() -> None:
 def refuse() -> None:
     """Reject its message without requeueing it."""
     raise Reject("not for us", requeue=False)
+
+
+@app.task(name="tasks.crash_late", acks_late=True, reject_on_worker_lost=True)
+def crash_late(key: str) -> str:
+    """Like crash, with the message acknowledged late and requeued when its pool process is lost."""
+    if _counters().incr(key) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "delivered again"
+
+
+@app.task(name="tasks.nap")
+def nap(seconds: float) -> None:
+    """Sleep a while (keeps a pool process busy)."""
+    time.sleep(seconds)

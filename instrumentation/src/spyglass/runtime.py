@@ -9,6 +9,11 @@ A process plays one of three roles:
     multi-process metrics directory and serves the endpoint that sums all workers.
 ``worker``
     A forked child of a master: it records telemetry but serves no endpoint.
+
+A master whose work runs in its own process (a Celery worker with the solo or threads pool) is
+made a recorder as well by :func:`record_in_master`. A master that only reports on its workers
+(a Celery prefork main process, when a pool process dies) gets spans through
+:meth:`Telemetry.master_tracer`, on a tracer provider of its own that its forked workers drop.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from spyglass.sampling import build_sampling_rule
 from spyglass.server_span import ServerSpanStarter
 from spyglass.tracing import build_propagator, build_tracer_provider
 
-__all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "shutdown"]
+__all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "record_in_master", "shutdown"]
 
 ROLES = ("standalone", "master", "worker")
 _logger = logging.getLogger("spyglass")
@@ -68,6 +73,7 @@ class Telemetry:
     _serving_registry: CollectorRegistry | None = None
     _served_collectors: list = field(default_factory=list)
     _compactor: multiprocess.ExitedProcessCompactor | None = None
+    _master_provider: TracerProvider | None = None
 
     @property
     def disabled(self) -> bool:
@@ -97,6 +103,25 @@ class Telemetry:
             self._served_collectors.append(collector)
             return True
 
+    def master_tracer(self) -> trace.Tracer | None:
+        """A tracer for the spans a master reports about its workers (``None`` when traces are off).
+
+        The process's own tracer if it records (see :func:`record_in_master`); otherwise a tracer
+        provider of the master's own is built on first use, never made global: forked workers
+        set up their own and drop this one (:func:`mark_worker`).
+        """
+        if self.disabled or self.settings.sdk_disabled:
+            return None
+        if self.tracer is not None:
+            return self.tracer
+        with _lock:
+            if self._master_provider is None:
+                # Span-export counters of their own: the values land in the shared directory under
+                # this process's id, so the endpoint sums them, while REGISTRY stays free for workers.
+                metrics = SpanPipelineMetrics(CollectorRegistry(auto_describe=True))
+                self._master_provider = build_tracer_provider(self.settings, metrics)
+            return self._master_provider.get_tracer("spyglass", __version__)
+
     def flush(self, timeout_millis: int = 10000) -> bool:
         """Export every finished span now (before a worker exits, for example)."""
         flush_logs()
@@ -122,6 +147,12 @@ def mark_worker() -> None:
         if _state.metrics_server is not None:
             # The listening socket came with the fork; only the master serves it.
             _state.metrics_server.server.socket.close()
+        if _state._master_provider is not None:
+            # Its queue was emptied at the fork; stop the export thread the fork restarted.
+            _state._master_provider.shutdown()
+        for metrics in (_state._celery_metrics, _state.span_metrics):
+            if metrics is not None:  # the worker registers its own instruments
+                metrics.unregister()
         _state = None
 
 
@@ -262,6 +293,30 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
         return state
 
 
+def record_in_master() -> Telemetry | None:
+    """Make the master record what it runs itself: traces (global provider), exemplars.
+
+    For a Celery worker whose pool runs tasks in the main process (solo, threads, gevent,
+    eventlet): the main process was set up as a master (it serves the endpoint that reads the
+    metrics directory) and now also records like a worker, into the same directory. Call it
+    before the process runs any work; returns the state (``None`` before :func:`init`).
+    """
+    with _lock:
+        state = _state
+        if state is None or state.disabled or state.role != "master" or state.span_metrics is not None:
+            return state
+        state.span_metrics = SpanPipelineMetrics(REGISTRY)
+        if state.metrics_dir:
+            state.exemplar_file = ExemplarFile(state.metrics_dir)
+        if not state.settings.sdk_disabled:
+            provider = build_tracer_provider(state.settings, state.span_metrics)
+            trace.set_tracer_provider(provider)
+            state.tracer_provider = provider
+            state.tracer = provider.get_tracer("spyglass", __version__)
+        propagate.set_global_textmap(state.propagator)
+        return state
+
+
 def shutdown(timeout_millis: int = 10000) -> None:
     """Flush and stop everything :func:`init` started; :func:`init` may be called again after."""
     global _state
@@ -270,9 +325,10 @@ def shutdown(timeout_millis: int = 10000) -> None:
         if state is None:
             return
         _state = None
-        if state.tracer_provider is not None:
-            state.tracer_provider.force_flush(timeout_millis)
-            state.tracer_provider.shutdown()
+        for provider in (state.tracer_provider, state._master_provider):
+            if provider is not None:
+                provider.force_flush(timeout_millis)
+                provider.shutdown()
         if state.metrics_server is not None:
             state.metrics_server.stop()
         if state._compactor is not None:

@@ -19,12 +19,11 @@ request and the tasks it starts share one trace.
 The worker's main process also serves the depth of its queues, read from the broker when
 scraped (:mod:`spyglass.metrics.broker_queues`).
 
-The main process counts the endings it decides for running tasks: terminated (revoked), hard
-time limit, and a pool process that died (when the task is not requeued); it also serves the
-configured pool size. celery beat counts what it sends on schedule and when it last sent it.
-
-Still to come (issue 3): more fixes to those spans (revoked and rejected outcomes, semantic
-conventions), a task requeued after its pool process died, and pools other than prefork.
+The main process counts and traces the endings it decides for running tasks: terminated
+(revoked), hard time limit, and a pool process that died, requeued or not (see
+:mod:`spyglass.integrations.celery_endings`); it also serves the configured pool size. With a
+pool that runs tasks in the main process (solo, threads, gevent, eventlet) the main process
+records them itself. celery beat counts what it sends on schedule and when it last sent it.
 """
 
 from __future__ import annotations
@@ -32,20 +31,28 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import structlog
-from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
-from celery import Celery, current_app, signals
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Celery, signals
 from opentelemetry import trace
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from spyglass import runtime
 from spyglass.catalog import by_name
+from spyglass.integrations import celery_endings
+from spyglass.integrations.celery_labels import (
+    UNREGISTERED_TASK,
+    label_every_app,
+    queue_of,
+    register_app,
+    task_label,
+    type_name,
+)
+from spyglass.integrations.celery_traces import end_run_span
 from spyglass.metrics.broker_queues import BrokerQueueCollector, probe_for
 from spyglass.metrics.instruments import CeleryMetrics
 
@@ -53,12 +60,7 @@ __all__ = ["PUBLISHED_AT_HEADER", "UNREGISTERED_TASK", "install_auto_instrumenta
 
 PUBLISHED_AT_HEADER = "spyglass_published_at"
 """Message header holding the publish time (Unix seconds, float) that the worker reads back."""
-UNREGISTERED_TASK = "<unregistered>"
-"""The ``task_name`` label of tasks the instrumented apps do not register (``send_task`` by name)."""
-
 _DISPATCH_UID = "spyglass.celery"
-_apps: weakref.WeakSet[Celery] = weakref.WeakSet()
-_every_app = False
 _lock = threading.Lock()
 
 
@@ -70,9 +72,8 @@ def instrument_celery(app: Celery) -> Celery:
     ``<unregistered>``, so a caller naming arbitrary tasks cannot create series.
     """
     with _lock:
-        if runtime.init().disabled or app in _apps:
+        if runtime.init().disabled or not register_app(app):
             return app
-        _apps.add(app)
         _connect_signals()
     return app
 
@@ -82,11 +83,10 @@ def install_auto_instrumentation() -> None:
 
     Celery's signals are process-wide; task names are checked against the app in use.
     """
-    global _every_app
     with _lock:
         if runtime.init().disabled:
             return
-        _every_app = True
+        label_every_app()
         _connect_signals()
 
 
@@ -96,7 +96,7 @@ def _connect_signals() -> None:
         (signals.task_failure, _task_failure),
         (signals.task_postrun, _task_postrun),
         (signals.task_revoked, _task_revoked),
-        (signals.task_received, _task_received),
+        (signals.task_retry, _task_retry),
         (signals.celeryd_after_setup, _worker_set_up),
         (signals.beat_init, _beat_started),
         (signals.beat_embedded_init, _beat_started),
@@ -110,6 +110,7 @@ def _connect_signals() -> None:
     # span is still current, and its task_prerun once the run span is (for exemplars and log ids).
     _instrument_traces()
     signals.task_prerun.connect(_task_prerun, weak=False, dispatch_uid=_DISPATCH_UID)
+    signals.task_postrun.connect(_flush_interrupted_run, weak=False, dispatch_uid=f"{_DISPATCH_UID}.flush")
 
 
 def _instrument_traces() -> None:
@@ -120,15 +121,6 @@ def _instrument_traces() -> None:
     from spyglass.integrations.celery_traces import instrument_traces
 
     instrument_traces()
-
-
-def _task_label(name: str | None) -> str:
-    if name:
-        apps = [*_apps, current_app._get_current_object()] if _every_app else _apps
-        for app in apps:
-            if name in app.tasks:
-                return name
-    return UNREGISTERED_TASK
 
 
 def _before_task_publish(
@@ -144,7 +136,7 @@ def _before_task_publish(
     state = runtime.current()
     metrics = state.celery_metrics() if state is not None else None
     if metrics is not None:
-        label = _task_label(sender or (headers or {}).get("task"))
+        label = task_label(sender or (headers or {}).get("task"))
         metrics.published(label, routing_key or "")
         if _in_beat:
             metrics.beat_sent(label, now)
@@ -171,21 +163,12 @@ class _Execution:
 
 
 _running: dict[str, _Execution] = {}
-# In the main process: (task label, queue) of tasks handed to the pool, oldest first, bounded.
-_received: OrderedDict[str, tuple[str, str]] = OrderedDict()
-_RECEIVED_LIMIT = 10_000
-_MAIN_PROCESS_OUTCOMES: dict[type, str] = {TimeLimitExceeded: "time_limit", WorkerLostError: "worker_lost"}
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry", "REJECTED": "rejected"}
 
 
 def _metrics() -> CeleryMetrics | None:
     state = runtime.current()
     return state.celery_metrics() if state is not None else None
-
-
-def _queue_of(request: Any) -> str:
-    delivery = getattr(request, "delivery_info", None) or {}
-    return delivery.get("routing_key") or delivery.get("exchange") or ""
 
 
 def _queue_wait(request: Any, now: float) -> float | None:
@@ -210,7 +193,7 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
     if task is None or task_id is None or metrics is None:
         return
     request = task.request
-    execution = _running[task_id] = _Execution(_task_label(task.name), _queue_of(request))
+    execution = _running[task_id] = _Execution(task_label(task.name), queue_of(request))
     trace_id, span_id = _sampled_span_ids()
     metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()), trace_id, span_id)
     # Every line logged while the task runs (Celery's "succeeded" line included) names it.
@@ -225,32 +208,60 @@ def _task_failure(
     if metrics is None or exception is None:
         return
     if execution is None:  # not run in this process: the main process reporting on its pool
-        _ended_in_main_process(task_id, sender, exception)
+        celery_endings.ending_signalled(task_id)
         return
     execution.exception = exception
-    metrics.failed(execution.name, execution.queue, _type_name(exception))
+    metrics.failed(execution.name, execution.queue, type_name(exception))
 
 
-def _task_postrun(task_id: str | None = None, state: str | None = None, **_extra: Any) -> None:
+def _task_retry(request: Any = None, **_extra: Any) -> None:
+    """In the main process, Celery retrying the task of a lost pool process: it did not succeed."""
+    if getattr(request, "id", None) not in _running:
+        celery_endings.ending_signalled(getattr(request, "id", None))
+
+
+def _task_postrun(
+    task: Any = None, task_id: str | None = None, state: str | None = None, retval: Any = None, **_extra: Any
+) -> None:
     structlog.contextvars.unbind_contextvars("task_id", "task_name")
     execution = _running.pop(task_id or "", None)
     metrics = _metrics()
     if execution is None or metrics is None:
         return
     outcome: str | None
+    elapsed = time.perf_counter() - execution.started
     if isinstance(execution.exception, SoftTimeLimitExceeded | TimeLimitExceeded):
         outcome = "time_limit"
     elif state is None:
-        # Interrupted (SIGTERM from revoke(terminate=True), SystemExit): Celery reports no state,
-        # and the main process counts how it ended (revoked, worker lost).
+        # Interrupted (SIGTERM at the hard time limit, or from revoke(terminate=True)): Celery
+        # reports no state, and the main process counts how it ended. The run span says why.
         outcome = None
+        end_run_span("time_limit" if _past_hard_time_limit(task, elapsed) else None, state, retval)
     else:
         # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
         outcome = _OUTCOMES.get(state or "", "success" if state == "IGNORED" else "failure")
+    if state is not None:
+        end_run_span(outcome, state, retval)
     trace_id, span_id = _sampled_span_ids()
-    metrics.finished(
-        execution.name, execution.queue, outcome, time.perf_counter() - execution.started, trace_id, span_id
-    )
+    metrics.finished(execution.name, execution.queue, outcome, elapsed, trace_id, span_id)
+
+
+def _past_hard_time_limit(task: Any, elapsed: float) -> bool:
+    """Whether a run interrupted after ``elapsed`` seconds reached its hard time limit."""
+    if task is None:
+        return False
+    limits = getattr(task.request, "timelimit", None) or (None, None)
+    hard = limits[0] or task.time_limit or task.app.conf.task_time_limit
+    # The pool counts from the moment it accepted the task, a little before task_prerun.
+    return bool(hard) and elapsed >= float(hard) * 0.95
+
+
+def _flush_interrupted_run(state: str | None = None, **_extra: Any) -> None:
+    """After an interrupted run's span ended: export it now, before the pool process is killed."""
+    if state is None:
+        telemetry = runtime.current()
+        if telemetry is not None and telemetry.role == "worker":
+            telemetry.flush(timeout_millis=80)
 
 
 def _sampled_span_ids() -> tuple[str, str]:
@@ -261,44 +272,18 @@ def _sampled_span_ids() -> tuple[str, str]:
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
-def _type_name(exception: BaseException) -> str:
-    kind = type(exception)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-
-
 # -- tasks that end without running (in the worker's main process) ------------------------------
-def _task_received(request: Any = None, **_extra: Any) -> None:
-    """Remember the queue of each task the main process hands to the pool, for endings seen there."""
-    if request is None:
-        return
-    _received[request.id] = (_task_label(request.name), _queue_of(request))
-    if len(_received) > _RECEIVED_LIMIT:
-        _received.popitem(last=False)
-
-
-def _ended_in_main_process(task_id: str | None, task: Any, exception: BaseException) -> None:
-    """Count a running task that the main process saw end: hard time limit, or its pool process died."""
-    outcome = _MAIN_PROCESS_OUTCOMES.get(type(exception))
-    metrics = _metrics()
-    if outcome is None or metrics is None:
-        return
-    name, queue = _received.pop(task_id or "", (None, None))
-    if name is None:
-        name = _task_label(getattr(task, "name", None))
-        queue = _queue_of(getattr(task, "request", None))
-    metrics.failed(name, queue or "", _type_name(exception))
-    metrics.ended(name, queue or "", outcome)
-
-
 def _task_revoked(
     sender: Any = None, request: Any = None, expired: bool = False, terminated: bool = False, **_extra: Any
 ) -> None:
-    _received.pop(getattr(request, "id", None) or "", None)
     metrics = _metrics()
     if metrics is None or request is None:  # terminated too: the main process killed it while running
         return
     name = getattr(request, "task_name", None) or getattr(request, "task", None) or getattr(sender, "name", None)
-    metrics.ended(_task_label(name), _queue_of(request), "expired" if expired else "revoked")
+    outcome = "expired" if expired else "revoked"
+    metrics.ended(task_label(name), queue_of(request), outcome)
+    if not terminated:  # a terminated task's pool process ends its run span
+        celery_endings.report_unrun_task(request, outcome)
 
 
 # -- worker processes ------------------------------------------------------------------------------
@@ -350,8 +335,22 @@ def _serve_pool_size(instance: Any = None, **_extra: Any) -> None:
         state.serve_collector(_PoolSizeCollector(instance))
 
 
+def _runs_tasks_in_main_process(instance: Any) -> bool:
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    pool = getattr(instance, "pool_cls", None)
+    return not (isinstance(pool, type) and issubclass(pool, PreforkPool))
+
+
 def _worker_set_up(instance: Any = None, **_extra: Any) -> None:
-    """``celeryd_after_setup``, in the worker's main process: serve the pool size and queue depths."""
+    """``celeryd_after_setup``, in the worker's main process before its pool starts.
+
+    Serves the pool size and queue depths; hooks the endings of pool processes; with a pool
+    that runs tasks in this process (solo, threads...), records them here.
+    """
+    if instance is not None and _runs_tasks_in_main_process(instance):
+        runtime.record_in_master()
+    celery_endings.install_request_hooks()
     _serve_pool_size(instance)
     _serve_queue_lengths(instance)
 

@@ -8,13 +8,27 @@ It creates a PRODUCER span ``apply_async/{task}`` around each publish and a CONS
   variable, so it was closed whenever the garbage collector got to it. In CPython that is the
   moment the signal handler returns: the span ended before the message was sent (it timed
   nothing and was not current while sending); elsewhere it could stay open with its context
-  attached. Here it ends after the publish and the context is restored then.
+  attached. Here it ends after the publish and the context is restored then;
+- chains, groups and chords cannot be followed from its spans: publish and run spans get
+  ``celery.root_id``, ``celery.parent_id`` and ``celery.group_id`` (the first task of the
+  workflow, the task that published this one, and its group or chord header);
+- a run that did not do its work ended with status UNSET when Celery reports no exception:
+  a task that rejected its message (``Reject``), and one interrupted by a signal
+  (``revoke(terminate=True)``) end with status ERROR here; every run span that ended with a
+  known outcome carries it as ``celery.outcome`` (the ``outcome`` label of
+  ``celery_task_completed_total``). Retries keep the instrumentation's ``celery.retry.reason`` on
+  the retried run and ``celery.retries`` on the next, whose publish span is a child of the
+  retried run, so the attempts form one trace.
+
+Endings that kill the pool process (hard time limit, lost process) are traced by the main
+process: see :mod:`spyglass.integrations.celery_endings`.
 
 The tracer follows the global tracer provider, which prefork pool processes set after the fork.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -22,10 +36,43 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.instrumentation.celery import utils as celery_utils
 from opentelemetry.propagate import inject
+from opentelemetry.trace import Status, StatusCode
 
-__all__ = ["SpyglassCeleryInstrumentor", "instrument_traces"]
+__all__ = ["RUN_SPAN_PREFIX", "SpyglassCeleryInstrumentor", "canvas_attributes", "end_run_span", "instrument_traces"]
 
+RUN_SPAN_PREFIX = "run/"
+"""Run spans are named ``run/{task name}`` (as opentelemetry-instrumentation-celery names them)."""
 _APPLY_ASYNC = "apply_async"
+# Span attribute -> the field of the message headers and of the task request holding it.
+_CANVAS_FIELDS = {"celery.root_id": "root_id", "celery.parent_id": "parent_id", "celery.group_id": "group"}
+
+
+def canvas_attributes(source: Mapping[str, Any] | Any) -> dict[str, str]:
+    """``celery.root_id``/``parent_id``/``group_id`` from message headers (a mapping) or a task request."""
+    read = source.get if isinstance(source, Mapping) else lambda field: getattr(source, field, None)
+    return {attribute: value for attribute, field in _CANVAS_FIELDS.items() if isinstance(value := read(field), str)}
+
+
+def _set_canvas_attributes(span: trace.Span, source: Mapping[str, Any] | Any) -> None:
+    if span.is_recording():
+        span.set_attributes(canvas_attributes(source))
+
+
+def end_run_span(outcome: str | None, state: str | None, retval: Any) -> None:
+    """Mark the current run span (before it ends) with how the task ended.
+
+    Called from the ``task_postrun`` receiver that runs while the run span is current.
+    """
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    if outcome is not None:
+        span.set_attribute("celery.outcome", outcome)
+    if state is None:
+        reason = "hard time limit exceeded" if outcome == "time_limit" else "terminated while running"
+        span.set_status(Status(StatusCode.ERROR, reason))
+    elif state == "REJECTED":
+        span.set_status(Status(StatusCode.ERROR, f"rejected: {retval!r}"))
 
 
 class SpyglassCeleryInstrumentor(CeleryInstrumentor):
@@ -41,6 +88,8 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
     def _trace_before_publish(self, *args: Any, **kwargs: Any) -> None:
         if celery_utils.retrieve_task_from_sender(kwargs) is not None:
             super()._trace_before_publish(*args, **kwargs)
+            # The publish span is current until after_task_publish.
+            _set_canvas_attributes(trace.get_current_span(), kwargs.get("headers") or {})
             return
         task_id = celery_utils.retrieve_task_id_from_message(kwargs)
         if task_id is None:
@@ -52,11 +101,20 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
             span.set_attribute("messaging.message.id", task_id)
             span.set_attribute("celery.task_name", task_name)
             celery_utils.set_attributes_from_context(span, kwargs)
+            _set_canvas_attributes(span, kwargs.get("headers") or {})
         token = otel_context.attach(trace.set_span_in_context(span))
         self._unknown_publishes[task_id] = (span, token)
         headers = kwargs.get("headers")
         if headers:
             inject(headers)
+
+    def _trace_prerun(self, *args: Any, **kwargs: Any) -> None:
+        super()._trace_prerun(*args, **kwargs)
+        task, task_id = kwargs.get("task"), kwargs.get("task_id")
+        if task is not None and task_id is not None:
+            started = celery_utils.retrieve_context(task, task_id)
+            if started is not None:
+                _set_canvas_attributes(started[0], task.request)
 
     def _trace_after_publish(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         task_id = celery_utils.retrieve_task_id_from_message(kwargs)
