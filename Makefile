@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
 	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server
 
-.PHONY: all test lint demo bench docs venv system-deps clean
+.PHONY: all test lint demo bench bench-celery docs venv system-deps clean
 
 all: test
 
@@ -46,9 +46,17 @@ test: $(STAMP) system-deps lint
 demo: $(STAMP) system-deps
 	$(PY) -m demo_app.native
 
+# Each benchmark rewrites only its own section of docs/performance.md.
 bench: $(STAMP)
 	$(MAKE) --no-print-directory system-deps SYSTEM_BINARIES="$(BENCH_BINARIES)"
 	$(PY) -m benchmarks.run
+	$(MAKE) --no-print-directory bench-celery
+
+# Celery worker throughput and metrics scrape time (a real worker on Redis: the machine's, else a private one).
+bench-celery: $(STAMP)
+	$(MAKE) --no-print-directory system-deps SYSTEM_BINARIES="redis-server:redis-server"
+	$(PY) -m benchmarks.celery_throughput
+	$(PY) -m benchmarks.celery_scrape
 
 docs: $(STAMP)
 	$(PY) -m spyglass.catalog > docs/metrics.md

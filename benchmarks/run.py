@@ -1,11 +1,11 @@
-"""Measure the per-request CPU that instrumentation adds to a Flask route and write docs/performance.md.
+"""Measure the per-request CPU that instrumentation adds to a Flask route; report it in docs/performance.md.
 
 ``make bench`` runs ``python -m benchmarks.run``. Every variant of
 :data:`benchmarks.http_overhead.VARIANTS` is measured in its own fresh process (instrumentation
 installs process-global state), several times, interleaved (A B C ... A B C ...) so that machine
-noise spreads evenly over the variants. The result table is printed and written to
-``docs/performance.md``. A failing measurement process fails the run; missing the overhead target
-does not (the report says so).
+noise spreads evenly over the variants. The result table is printed and written to its own
+section (``http``) of ``docs/performance.md`` (see :mod:`benchmarks.report`). A failing
+measurement process fails the run; missing the overhead target does not (the report says so).
 """
 
 from __future__ import annotations
@@ -14,24 +14,23 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks import instructions
+from benchmarks import instructions, report
 from benchmarks.http_overhead import VARIANTS, variant_environment
 
 __all__ = ["BenchmarkError", "Summary", "main", "render_report", "run_benchmark"]
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = ROOT / "docs" / "performance.md"
+DEFAULT_OUTPUT = report.DEFAULT_OUTPUT
+SECTION = "http"
 BASELINE = "baseline"
 TARGET_NUMERATOR = "spyglass"
 TARGET_DENOMINATOR = "otel-flask"
@@ -168,54 +167,9 @@ def run_benchmark(variants: Sequence[str], repetitions: int, warmup: int, reques
     ]
 
 
-def _cpu_model() -> str:
-    """Return the CPU model named by /proc/cpuinfo (or what the platform module knows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _source_revision() -> str:
-    """Name the git commit measured, noting uncommitted changes (``unknown`` outside a checkout)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit} (with uncommitted changes)" if dirty else commit
-
-
 def _machine_lines() -> list[str]:
     """Describe the machine and software the numbers were measured on, as Markdown list items."""
-    versions = ", ".join(f"{package} {_version(package)}" for package in PACKAGES)
-    return [
-        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs",
-        f"- Python {platform.python_version()} ({platform.python_implementation()}), "
-        f"{platform.system()} {platform.release()}",
-        f"- Packages: {versions}",
-        f"- Source: commit {_source_revision()}",
-    ]
+    return report.machine_lines(PACKAGES)
 
 
 def _spans_cell(summary: Summary) -> str:
@@ -374,7 +328,7 @@ def render_report(
     requests: int,
     instruction_counts: dict[str, float] | None = None,
 ) -> str:
-    """Render the whole of docs/performance.md."""
+    """Render this benchmark's section of docs/performance.md (the other sections are not its own)."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     variants = "\n".join(f"- `{s.name}`: {DESCRIPTIONS.get(s.name, '')}" for s in summaries)
     return "\n".join(
@@ -464,10 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (instructions.InstructionCountError, subprocess.TimeoutExpired) as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    report = render_report(summaries, args.repetitions, args.warmup, args.requests, counts)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report, encoding="utf-8")
-    print(report)
+    section = render_report(summaries, args.repetitions, args.warmup, args.requests, counts)
+    try:
+        report.write_section(args.output, SECTION, section)
+    except report.ReportError as exc:
+        print(f"cannot write the report: {exc}", file=sys.stderr)
+        return 1
+    print(section)
     ratio, verdict = target_verdict(summaries)
     if ratio is not None:
         print(f"{verdict}: spyglass added ÷ otel-flask added = {ratio:.2f} (target ≤ {TARGET_RATIO:.2f})")

@@ -178,14 +178,30 @@ def test_lines_logged_inside_a_task_name_the_task(publisher, worker) -> None:
     assert {record["task_name"] for record in lines_of(following.id)} == {"tasks.ok"}
 
 
-def test_recycled_pool_processes_lose_no_count_and_leave_no_files(tmp_path: Path, redis_url: str, publisher) -> None:
-    """With max_tasks_per_child=1 every task runs in a new process: all are counted, exited ones are folded in."""
-    recycling = start_worker(tmp_path, redis_url, "--max-tasks-per-child=1")
+def test_recycled_pool_processes_lose_no_span_no_count_and_leave_no_files(
+    tmp_path: Path, redis_url: str, publisher
+) -> None:
+    """With max_tasks_per_child=1 every task runs in a new process: 200 tasks, 200 run spans, all counted.
+
+    Each pool process exports its spans as it exits (the batch delay is left at its 5 s default,
+    so the flush at exit is what delivers them) and the main process folds its counts in.
+    """
+    traces = tmp_path / "worker-traces.jsonl"
+    recycling = start_worker(
+        tmp_path,
+        redis_url,
+        "--max-tasks-per-child=1",
+        OTEL_TRACES_EXPORTER="otlp_json_file",
+        SPYGLASS_TRACES_FILE=str(traces),
+    )
+    tasks = 200
     try:
-        for number in range(40):
+        for number in range(tasks):
             publisher.send_task("tasks.ok", (number,), queue=recycling.queue)
-        assert wait_for(lambda: completed(recycling, "tasks.ok", "success") == 40, timeout=120)
-        assert recycling.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == 40
+        assert wait_for(lambda: completed(recycling, "tasks.ok", "success") == tasks, timeout=240), completed(
+            recycling, "tasks.ok", "success"
+        )
+        assert recycling.value("celery_task_runtime_seconds_count", task_name="tasks.ok") == tasks
 
         def pids_with_files() -> set[str]:
             return {path.stem.rsplit("_", 1)[-1] for path in (tmp_path / "metrics").glob("*.db")}
@@ -193,10 +209,13 @@ def test_recycled_pool_processes_lose_no_count_and_leave_no_files(tmp_path: Path
         # The archive, the main process and the live pool processes: exited ones are folded in
         # by the main process in the background (each second), not left one file set apiece.
         assert wait_for(lambda: len(pids_with_files()) <= 4, timeout=10), sorted(pids_with_files())
-        assert completed(recycling, "tasks.ok", "success") == 40
+        assert completed(recycling, "tasks.ok", "success") == tasks
     finally:
         stop_worker(recycling)
         redis.Redis.from_url(redis_url).delete(recycling.queue)
+    runs = [span for span in read_spans(traces) if span["name"] == "run/tasks.ok"]
+    assert len({span["attributes"]["messaging.message.id"] for span in runs}) == tasks
+    assert len(runs) == tasks
 
 
 WEB_SCRIPT = """
@@ -327,3 +346,31 @@ def test_beat_counts_what_it_sends_and_when_it_last_sent(tmp_path: Path, redis_u
     finally:
         stop_worker(beat)
         redis.Redis.from_url(redis_url).delete(queue)
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_pools_that_run_tasks_in_the_main_process_count_and_trace_them(
+    tmp_path: Path, redis_url: str, publisher, pool: str
+) -> None:
+    """Solo and threads pools: the main process runs the tasks, and records them as a pool process would."""
+    traces = tmp_path / "worker-traces.jsonl"
+    in_process = start_worker(
+        tmp_path,
+        redis_url,
+        f"--pool={pool}",
+        OTEL_TRACES_EXPORTER="otlp_json_file",
+        SPYGLASS_TRACES_FILE=str(traces),
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    try:
+        check_core_cases(publisher, in_process, successes=3)
+        # 3 successes, a failure, and a retry that ran twice: one run span each, with exemplars.
+        assert wait_for(lambda: len([s for s in read_spans(traces) if s["name"].startswith("run/")]) == 6, timeout=30)
+        run_trace_ids = {span["traceId"] for span in read_spans(traces) if span["name"].startswith("run/")}
+        assert in_process.exemplar_trace_ids("celery_task_runtime_seconds") <= run_trace_ids
+        assert in_process.exemplar_trace_ids("celery_task_runtime_seconds")
+        lines = [record for record in log_records(in_process) if record.get("task_name") == "tasks.ok"]
+        assert lines and all(record.get("trace_id") in run_trace_ids for record in lines)
+    finally:
+        stop_worker(in_process)
+        redis.Redis.from_url(redis_url).delete(in_process.queue)

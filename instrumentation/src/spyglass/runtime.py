@@ -74,6 +74,8 @@ class Telemetry:
     _served_collectors: list = field(default_factory=list)
     _compactor: multiprocess.ExitedProcessCompactor | None = None
     _master_provider: TracerProvider | None = None
+    pid: int = field(default_factory=os.getpid)
+    """The process that set this state up (a forked child inherits its parent's)."""
 
     @property
     def disabled(self) -> bool:

@@ -29,6 +29,7 @@ records them itself. celery beat counts what it sends on schedule and when it la
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -162,7 +163,9 @@ class _Execution:
         self.exception: BaseException | None = None
 
 
-_running: dict[str, _Execution] = {}
+# Runs in progress in this process, by task id and thread: with the threads pool a task that
+# retries itself at once starts its next run while the first one is ending.
+_running: dict[tuple[str, int], _Execution] = {}
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry", "REJECTED": "rejected"}
 
 
@@ -193,7 +196,7 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
     if task is None or task_id is None or metrics is None:
         return
     request = task.request
-    execution = _running[task_id] = _Execution(task_label(task.name), queue_of(request))
+    execution = _running[task_id, threading.get_ident()] = _Execution(task_label(task.name), queue_of(request))
     trace_id, span_id = _sampled_span_ids()
     metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()), trace_id, span_id)
     # Every line logged while the task runs (Celery's "succeeded" line included) names it.
@@ -203,7 +206,7 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
 def _task_failure(
     sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_extra: Any
 ) -> None:
-    execution = _running.get(task_id or "")
+    execution = _running.get((task_id or "", threading.get_ident()))
     metrics = _metrics()
     if metrics is None or exception is None:
         return
@@ -216,15 +219,16 @@ def _task_failure(
 
 def _task_retry(request: Any = None, **_extra: Any) -> None:
     """In the main process, Celery retrying the task of a lost pool process: it did not succeed."""
-    if getattr(request, "id", None) not in _running:
-        celery_endings.ending_signalled(getattr(request, "id", None))
+    task_id = getattr(request, "id", None)
+    if (task_id, threading.get_ident()) not in _running:
+        celery_endings.ending_signalled(task_id)
 
 
 def _task_postrun(
     task: Any = None, task_id: str | None = None, state: str | None = None, retval: Any = None, **_extra: Any
 ) -> None:
     structlog.contextvars.unbind_contextvars("task_id", "task_name")
-    execution = _running.pop(task_id or "", None)
+    execution = _running.pop((task_id or "", threading.get_ident()), None)
     metrics = _metrics()
     if execution is None or metrics is None:
         return
@@ -288,7 +292,15 @@ def _task_revoked(
 
 # -- worker processes ------------------------------------------------------------------------------
 def _worker_process_init(**_extra: Any) -> None:
-    """In each prefork pool process, right after the fork: its own telemetry, into the shared directory."""
+    """In each prefork pool process, right after the fork: its own telemetry, into the shared directory.
+
+    The solo pool sends this signal from the worker's main process: that process runs the tasks
+    and records them itself, and keeps serving the endpoint.
+    """
+    state = runtime.current()
+    if state is not None and state.role == "master" and state.pid == os.getpid():
+        runtime.record_in_master()
+        return
     runtime.mark_worker()
     runtime.init(role="worker")
 
@@ -298,7 +310,9 @@ def _worker_process_shutdown(**_extra: Any) -> None:
 
     Its metric files stay; the main process folds them into the totals once it has exited.
     """
-    runtime.shutdown()
+    state = runtime.current()
+    if state is not None and state.role == "worker":
+        runtime.shutdown()
 
 
 def _serve_queue_lengths(instance: Any = None, **_extra: Any) -> None:

@@ -9,6 +9,10 @@ It creates a PRODUCER span ``apply_async/{task}`` around each publish and a CONS
   moment the signal handler returns: the span ended before the message was sent (it timed
   nothing and was not current while sending); elsewhere it could stay open with its context
   attached. Here it ends after the publish and the context is restored then;
+- it keeps each open span under its task id, so with the threads pool a task that retries itself
+  at once (``countdown=0``) ran its second run while the first was ending, and the two runs
+  took each other's spans: here the key also names the thread (one thread per run in every
+  pool; prefork and solo are unchanged);
 - chains, groups and chords cannot be followed from its spans: publish and run spans get
   ``celery.root_id``, ``celery.parent_id`` and ``celery.group_id`` (the first task of the
   workflow, the task that published this one, and its group or chord header);
@@ -28,7 +32,9 @@ The tracer follows the global tracer provider, which prefork pool processes set 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -127,8 +133,27 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
         span.end()
 
 
+def _keyed_by_thread(helper: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap one of the instrumentation's span-storage helpers so its key names the thread too."""
+
+    @functools.wraps(helper)
+    def keyed(task: Any, task_id: Any, *args: Any, **kwargs: Any) -> Any:
+        return helper(task, (task_id, threading.get_ident()), *args, **kwargs)
+
+    keyed.__spyglass_keyed__ = True  # type: ignore[attr-defined]
+    return keyed
+
+
+def _key_spans_by_thread() -> None:
+    for name in ("attach_context", "detach_context", "retrieve_context"):
+        helper = getattr(celery_utils, name)
+        if not getattr(helper, "__spyglass_keyed__", False):
+            setattr(celery_utils, name, _keyed_by_thread(helper))
+
+
 def instrument_traces() -> None:
     """Connect the publish and run spans (once per process)."""
+    _key_spans_by_thread()
     instrumentor = SpyglassCeleryInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument()

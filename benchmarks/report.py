@@ -1,0 +1,189 @@
+"""docs/performance.md, one section per benchmark, and the machine notes every section carries.
+
+Each benchmark owns one section of the report, between two HTML comment markers::
+
+    <!-- bench:NAME:begin -->
+    ...
+    <!-- bench:NAME:end -->
+
+:func:`write_section` replaces what is between one pair of markers and leaves the rest of the
+file as it is (other benchmarks' sections and any text outside the markers). A section not yet in
+the file is inserted in the order of :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_OUTPUT",
+    "SECTIONS",
+    "ReportError",
+    "cpu_model",
+    "machine_lines",
+    "package_version",
+    "read_section",
+    "replace_section",
+    "source_revision",
+    "write_section",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = ROOT / "docs" / "performance.md"
+SECTIONS = ("http", "celery-throughput", "celery-scrape")
+"""The sections of docs/performance.md, in the order they appear."""
+PREAMBLE = (
+    "<!-- Each benchmark of `make bench` writes only its own section of this file, between its "
+    "bench:NAME:begin and bench:NAME:end markers; do not edit inside the markers, rerun the benchmark. -->\n"
+)
+
+
+class ReportError(Exception):
+    """The report file's markers are missing their pair, repeated or out of order."""
+
+
+def _begin(name: str) -> str:
+    return f"<!-- bench:{name}:begin -->"
+
+
+def _end(name: str) -> str:
+    return f"<!-- bench:{name}:end -->"
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise ValueError(f"section name {name!r} must be lowercase letters, digits and dashes")
+
+
+def _span(text: str, name: str) -> tuple[int, int] | None:
+    """Where the section ``name`` (markers included) is in ``text``; ``None`` if it is not there."""
+    begin, end = _begin(name), _end(name)
+    begins, ends = text.count(begin), text.count(end)
+    if begins == ends == 0:
+        return None
+    if begins != 1 or ends != 1:
+        raise ReportError(f"section {name!r} needs exactly one {begin} and one {end} (found {begins} and {ends})")
+    start, stop = text.index(begin), text.index(end)
+    if stop < start:
+        raise ReportError(f"section {name!r}: {end} comes before {begin}")
+    return start, stop + len(end)
+
+
+def read_section(path: Path, name: str) -> str | None:
+    """The body of section ``name`` (without markers), or ``None`` if the file or section is missing."""
+    _check_name(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    span = _span(text, name)
+    if span is None:
+        return None
+    body = text[span[0] + len(_begin(name)) : span[1] - len(_end(name))]
+    return body.removeprefix("\n").removesuffix("\n")
+
+
+def _insertion_point(text: str, name: str) -> int:
+    """Where a new section ``name`` goes: before the first present section that follows it, else at the end."""
+    order = list(SECTIONS)
+    later = order[order.index(name) + 1 :] if name in order else []
+    for other in later:
+        span = _span(text, other)
+        if span is not None:
+            return span[0]
+    return len(text)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Return ``text`` with section ``name`` holding ``body`` (inserted if it was not there)."""
+    _check_name(name)
+    block = f"{_begin(name)}\n{body.strip(chr(10))}\n{_end(name)}"
+    span = _span(text, name)
+    if span is not None:
+        return text[: span[0]] + block + text[span[1] :]
+    at = _insertion_point(text, name)
+    before, after = text[:at], text[at:]
+    if before and not before.endswith("\n\n"):
+        before = before.rstrip("\n") + "\n\n"
+    return before + block + ("\n\n" + after.lstrip("\n") if after.strip() else "\n")
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Put ``body`` into section ``name`` of the report at ``path``, leaving everything else as it was.
+
+    The file is created (with a short preamble) if needed and replaced atomically, so an
+    interrupted run never leaves half a report.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = PREAMBLE
+    updated = replace_section(text, name, body)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(updated)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def cpu_model() -> str:
+    """Return the CPU model named by /proc/cpuinfo (or what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or ``not installed``."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def source_revision() -> str:
+    """Name the git commit measured, noting uncommitted changes (``unknown`` outside a checkout)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} (with uncommitted changes)" if dirty else commit
+
+
+def machine_lines(packages: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """Describe the machine and software the numbers were measured on, as Markdown list items."""
+    versions = ", ".join(f"{package} {package_version(package)}" for package in packages)
+    return [
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), "
+        f"{platform.system()} {platform.release()}",
+        f"- Packages: {versions}",
+        *extra,
+        f"- Source: commit {source_revision()}",
+    ]
