@@ -1,9 +1,9 @@
-"""Micro-benchmark: one SERVER span through the SDK's span object vs spyglass's ServerSpan.
+"""Micro-benchmark: one SERVER span through the SDK's span object vs spyglass's LightSpan.
 
     .venv/bin/python -m benchmarks.span_paths
 
 Not part of `make bench` (which measures whole requests): it isolates the request thread's CPU
-for the span itself, the part of the request path that `spyglass.server_span` replaces. Both
+for the span itself, the part of the request path that `spyglass.light_span` replaces. Both
 paths use the same provider, sampler, batch processor and exporter; see docs/architecture.md
 ("The hot path of a request").
 """
@@ -69,8 +69,8 @@ def main() -> None:
         span.finish({"http.response.status_code": 200, "http.route": "/"}, "GET /")
 
     sdk = _measure("SDK span object", sdk_span)
-    lean = _measure("spyglass ServerSpan", server_span)
-    print(f"ServerSpan ÷ SDK = {lean / sdk:.2f}", file=sys.stderr)
+    lean = _measure("spyglass LightSpan", server_span)
+    print(f"LightSpan ÷ SDK = {lean / sdk:.2f}", file=sys.stderr)
     runtime.shutdown()
 
 

@@ -374,3 +374,20 @@ def test_pools_that_run_tasks_in_the_main_process_count_and_trace_them(
     finally:
         stop_worker(in_process)
         redis.Redis.from_url(redis_url).delete(in_process.queue)
+
+
+def test_the_worker_log_level_option_applies_to_spyglass_lines(tmp_path: Path, redis_url: str, publisher) -> None:
+    """`celery worker --loglevel=WARNING`: warnings come out as JSON lines; info lines (Celery's, the task's) do not."""
+    quiet = start_worker(tmp_path, redis_url, "--loglevel=WARNING")
+    try:
+        publisher.send_task("tasks.chatty", (7,), queue=quiet.queue)
+        assert wait_for(lambda: completed(quiet, "tasks.chatty", "success") == 1, timeout=60)
+        assert wait_for(
+            lambda: any(record["event"] == "slow payment provider" for record in log_records(quiet)), timeout=10
+        ), quiet.log_path.read_text()[-3000:]
+        events = [record["event"] for record in log_records(quiet)]
+        assert not any("succeeded" in event or "received" in event for event in events), events
+        assert "charging order" not in events
+    finally:
+        stop_worker(quiet)
+        redis.Redis.from_url(redis_url).delete(quiet.queue)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -259,6 +261,50 @@ def test_stdlib_logging_goes_through_the_same_pipeline(instrumented, capfd) -> N
     assert error["level"] == "error"
     assert error["trace_id"] == trace_id
     assert "KeyError" in error["exception"]
+
+
+def test_stdlib_lines_have_the_fields_and_order_of_the_structlog_chain(instrumented) -> None:
+    """Spyglass's one-pass formatter of standard-library records writes what structlog's chain would.
+
+    Celery logs a line per task, so spyglass renders those records itself; the line must not
+    differ from the ProcessorFormatter's (timestamps aside): extras, bound context, level,
+    service, trace ids, redaction, exceptions, stack info.
+    """
+    instrumented()
+    handler = next(h for h in logging.getLogger().handlers if h.get_name() == "spyglass")
+    fast = handler.formatter
+    reference = fast._structlog_formatter
+
+    def record(level: int, message: str, *args: object, **fields: object) -> logging.LogRecord:
+        exc_info, stack_info = fields.pop("exc_info", None), fields.pop("stack_info", None)
+        made = logging.getLogger("celery.app.trace").makeRecord(
+            "celery.app.trace", level, __file__, 1, message, args, exc_info, sinfo=stack_info, extra=fields
+        )
+        return made
+
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        failure = sys.exc_info()
+    records = [
+        record(logging.INFO, "Task %s[%s] received", "tasks.ok", "t-1", data={"id": "t-1", "password": "hunter2"}),
+        record(logging.WARNING, "plain %d%%", 5),
+        record(logging.ERROR, "Task failed", exc_info=failure, data={"id": "t-2"}),
+        record(logging.CRITICAL, "with stack", stack_info="Stack (most recent call last): ..."),
+    ]
+    tracer = trace.get_tracer("test")
+    structlog.contextvars.bind_contextvars(task_id="t-1", task_name="tasks.ok")
+    try:
+        with tracer.start_as_current_span("run/tasks.ok"):
+            for item in records:
+                expected = json.loads(reference.format(logging.makeLogRecord(item.__dict__)))
+                actual = json.loads(fast.format_bytes(logging.makeLogRecord(item.__dict__)))
+                assert list(actual) == list(expected)
+                expected.pop("timestamp"), actual.pop("timestamp")
+                assert actual == expected
+    finally:
+        structlog.contextvars.clear_contextvars()
+    assert "[REDACTED]" in fast.format(records[0]) and "hunter2" not in fast.format(records[0])
 
 
 def test_kill_switch_leaves_the_app_untouched(tmp_path: Path) -> None:

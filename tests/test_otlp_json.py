@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+from spyglass.light_span import LightSpanStarter
 from spyglass.otlp_json import spans_to_otlp_json
-from spyglass.server_span import ServerSpanStarter
 
 
 def sample_spans() -> list:
@@ -39,7 +39,7 @@ def sample_spans() -> list:
             pass
     with tracer.start_as_current_span("root", kind=SpanKind.INTERNAL):
         pass
-    server, *_ids = ServerSpanStarter(provider, "spyglass", "9.9").start(
+    server, *_ids = LightSpanStarter(provider, "spyglass", "9.9").start(
         "GET", trace.set_span_in_context(trace.NonRecordingSpan(remote)), {"http.request.method": "GET"}
     )
     server.set_attribute("app.items", [1, 2])

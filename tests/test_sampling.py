@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
 from spyglass.config import SAMPLERS, load_settings
+from spyglass.light_span import LightSpanStarter
 from spyglass.sampling import build_sampler, build_sampling_rule
-from spyglass.server_span import ServerSpanStarter
 
 ATTRIBUTES = {"http.request.method": "GET", "url.path": "/"}
 
@@ -55,7 +55,7 @@ def test_fast_decision_equals_the_sdk_sampler(sampler: str, ratio: str) -> None:
             decisions.add(fast)
     # The span starter applies the same rule inline: its spans carry the SDK sampler's decision.
     provider = TracerProvider(sampler=sdk_sampler)
-    starter = ServerSpanStarter(provider, "test", "1", rule)
+    starter = LightSpanStarter(provider, "test", "1", rule)
     for parent in parents():
         context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent is not None else None
         for _ in range(100):

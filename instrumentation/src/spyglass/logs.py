@@ -54,9 +54,64 @@ class _LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._writer.write(self.format(record).encode("utf-8", "backslashreplace") + b"\n")
+            formatter = self.formatter
+            if isinstance(formatter, _JsonRecordFormatter):
+                line = formatter.format_bytes(record)
+            else:
+                line = self.format(record).encode("utf-8", "backslashreplace")
+            self._writer.write(line + b"\n")
         except Exception:
             self.handleError(record)
+
+
+# Attributes every LogRecord has: anything else on a record came from ``extra=`` (as structlog's ExtraAdder sees it).
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("name", 0, "pathname", 0, "msg", (), None).__dict__)
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level maps them
+
+
+class _JsonRecordFormatter(logging.Formatter):
+    """Standard-library records as spyglass JSON lines, in one pass over the record.
+
+    The fields and their order are those of structlog's ``ProcessorFormatter`` running
+    spyglass's processor chain. ``ProcessorFormatter`` copies each record and runs a generic
+    chain; Celery logs a line per task received and per task run, so the cost shows. Records
+    structlog itself routed through the standard library (none in spyglass's own setup) still
+    go to ``ProcessorFormatter``.
+    """
+
+    def __init__(self, settings: Settings, structlog_formatter: logging.Formatter) -> None:
+        super().__init__()
+        self._service_name = settings.service_name
+        self._redactor = Redactor(settings.redact_keys)
+        self._structlog_formatter = structlog_formatter
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON line (without the newline)."""
+        return self.format_bytes(record).decode("utf-8")
+
+    def format_bytes(self, record: logging.LogRecord) -> bytes:
+        """The record as one JSON line (without the newline), UTF-8."""
+        if hasattr(record, "_logger"):
+            return self._structlog_formatter.format(record).encode("utf-8", "backslashreplace")
+        method = record.levelname.lower()
+        event: dict[str, Any] = {"event": record.getMessage()}
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+        if record.stack_info:
+            event["stack_info"] = record.stack_info
+        event["logger"] = record.name
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES:
+                event[key] = value
+        event = structlog.contextvars.merge_contextvars(None, method, event)
+        event["level"] = _LEVEL_NAMES.get(method, method)
+        event["timestamp"] = _utc_timestamp()
+        event["service.name"] = self._service_name
+        _add_trace_context(None, method, event)
+        event = self._redactor.redact_mapping(event)
+        if "exc_info" in event:
+            event = structlog.processors.format_exc_info(None, method, event)
+        return orjson.dumps(event, default=repr)
 
     def flush(self) -> None:
         self._writer.flush()
@@ -170,7 +225,10 @@ def configure_logging(settings: Settings) -> None:
     )
     handler: logging.Handler = _LineHandler(writer) if writer is not None else logging.StreamHandler(sys.stdout)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(formatter)
+    if writer is not None and settings.log_format == "json":
+        handler.setFormatter(_JsonRecordFormatter(settings, formatter))
+    else:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

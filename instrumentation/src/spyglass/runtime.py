@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -31,7 +31,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, PlatformCollector
 
 from spyglass import __version__
-from spyglass.config import Settings, load_settings
+from spyglass.config import LOG_LEVELS, Settings, load_settings
+from spyglass.light_span import LightSpanStarter
 from spyglass.logs import configure_logging, flush_logs, reset_logging
 from spyglass.metrics import multiprocess
 from spyglass.metrics.collectors import MultiProcessExemplarCollector, ProcessTreeCollector, ResourceInfoCollector
@@ -40,10 +41,9 @@ from spyglass.metrics.instruments import CeleryMetrics, HttpServerMetrics, SpanP
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
 from spyglass.sampling import build_sampling_rule
-from spyglass.server_span import ServerSpanStarter
 from spyglass.tracing import build_propagator, build_tracer_provider
 
-__all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "record_in_master", "shutdown"]
+__all__ = ["ROLES", "Telemetry", "current", "init", "mark_worker", "record_in_master", "set_log_level", "shutdown"]
 
 ROLES = ("standalone", "master", "worker")
 _logger = logging.getLogger("spyglass")
@@ -65,7 +65,8 @@ class Telemetry:
     span_metrics: SpanPipelineMetrics | None
     redactor: Redactor
     metrics_dir: str | None = None
-    server_spans: ServerSpanStarter | None = None
+    server_spans: LightSpanStarter | None = None
+    """Starts the SERVER spans of requests (scope ``spyglass``)."""
     metrics_server: MetricsServer | None = None
     exemplar_file: ExemplarFile | None = None
     _extra_collectors: list = field(default_factory=list)
@@ -74,6 +75,7 @@ class Telemetry:
     _served_collectors: list = field(default_factory=list)
     _compactor: multiprocess.ExitedProcessCompactor | None = None
     _master_provider: TracerProvider | None = None
+    _span_starters: dict = field(default_factory=dict)
     pid: int = field(default_factory=os.getpid)
     """The process that set this state up (a forked child inherits its parent's)."""
 
@@ -89,8 +91,8 @@ class Telemetry:
 
     def celery_metrics(self) -> CeleryMetrics | None:
         """The Celery task instruments, created on first use (``None`` when spyglass is disabled)."""
-        if self.disabled:
-            return None
+        if self._celery_metrics is not None or self.disabled:
+            return self._celery_metrics
         with _lock:
             if self._celery_metrics is None:
                 self._celery_metrics = CeleryMetrics(REGISTRY, self.exemplar_file)
@@ -104,6 +106,21 @@ class Telemetry:
             self._serving_registry.register(collector)
             self._served_collectors.append(collector)
             return True
+
+    def span_starter(self, name: str, version: str = "", schema_url: str | None = None) -> LightSpanStarter | None:
+        """Starts light spans under the instrumentation scope ``name`` (``None`` when this process traces nothing)."""
+        provider = self.tracer_provider
+        if provider is None:
+            return None
+        key = (name, version, schema_url)
+        starter = self._span_starters.get(key)
+        if starter is None:
+            with _lock:
+                starter = self._span_starters.get(key)
+                if starter is None:
+                    rule = build_sampling_rule(self.settings)
+                    starter = self._span_starters[key] = LightSpanStarter(provider, name, version, rule, schema_url)
+        return starter
 
     def master_tracer(self) -> trace.Tracer | None:
         """A tracer for the spans a master reports about its workers (``None`` when traces are off).
@@ -274,7 +291,7 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             provider = build_tracer_provider(settings, span_metrics)
             trace.set_tracer_provider(provider)
             tracer = provider.get_tracer("spyglass", __version__)
-            server_spans = ServerSpanStarter(provider, "spyglass", __version__, build_sampling_rule(settings))
+            server_spans = LightSpanStarter(provider, "spyglass", __version__, build_sampling_rule(settings))
         propagate.set_global_textmap(propagator)
         state = Telemetry(
             settings=settings,
@@ -317,6 +334,23 @@ def record_in_master() -> Telemetry | None:
             state.tracer = provider.get_tracer("spyglass", __version__)
         propagate.set_global_textmap(state.propagator)
         return state
+
+
+def set_log_level(level: str) -> None:
+    """Log at ``level`` (one of :data:`spyglass.config.LOG_LEVELS`) from now on, in this process and its children.
+
+    For a host program's own level option (``celery worker --loglevel``) when
+    ``SPYGLASS_LOG_LEVEL`` does not set one: that variable, when set, wins.
+    """
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    with _lock:
+        os.environ["SPYGLASS_LOG_LEVEL"] = level  # processes started or forked later read it
+        state = _state
+        if state is None or state.disabled or state.settings.log_level == level:
+            return
+        state.settings = replace(state.settings, log_level=level)
+        configure_logging(state.settings)
 
 
 def shutdown(timeout_millis: int = 10000) -> None:

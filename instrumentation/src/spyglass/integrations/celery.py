@@ -29,6 +29,7 @@ records them itself. celery beat counts what it sends on schedule and when it la
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -44,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from spyglass import runtime
 from spyglass.catalog import by_name
+from spyglass.config import LOG_LEVELS
 from spyglass.integrations import celery_endings
 from spyglass.integrations.celery_labels import (
     UNREGISTERED_TASK,
@@ -154,13 +156,14 @@ def _beat_started(**_extra: Any) -> None:
 
 # -- running tasks (in the pool process that runs them) ----------------------------------------
 class _Execution:
-    __slots__ = ("exception", "name", "queue", "started")
+    __slots__ = ("exception", "name", "queue", "span_id", "started", "trace_id")
 
     def __init__(self, name: str, queue: str) -> None:
         self.name = name
         self.queue = queue
         self.started = time.perf_counter()
         self.exception: BaseException | None = None
+        self.trace_id, self.span_id = _sampled_span_ids()
 
 
 # Runs in progress in this process, by task id and thread: with the threads pool a task that
@@ -197,8 +200,8 @@ def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = Non
         return
     request = task.request
     execution = _running[task_id, threading.get_ident()] = _Execution(task_label(task.name), queue_of(request))
-    trace_id, span_id = _sampled_span_ids()
-    metrics.started(execution.name, execution.queue, _queue_wait(request, time.time()), trace_id, span_id)
+    wait = _queue_wait(request, time.time())
+    metrics.started(execution.name, execution.queue, wait, execution.trace_id, execution.span_id)
     # Every line logged while the task runs (Celery's "succeeded" line included) names it.
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
 
@@ -246,8 +249,7 @@ def _task_postrun(
         outcome = _OUTCOMES.get(state or "", "success" if state == "IGNORED" else "failure")
     if state is not None:
         end_run_span(outcome, state, retval)
-    trace_id, span_id = _sampled_span_ids()
-    metrics.finished(execution.name, execution.queue, outcome, elapsed, trace_id, span_id)
+    metrics.finished(execution.name, execution.queue, outcome, elapsed, execution.trace_id, execution.span_id)
 
 
 def _past_hard_time_limit(task: Any, elapsed: float) -> bool:
@@ -369,6 +371,15 @@ def _worker_set_up(instance: Any = None, **_extra: Any) -> None:
     _serve_queue_lengths(instance)
 
 
-def _keep_spyglass_logging(**_extra: Any) -> None:
-    """Connected to ``setup_logging``: Celery then leaves the logging spyglass configured alone."""
-    runtime.init()
+def _keep_spyglass_logging(loglevel: int | str | None = None, **_extra: Any) -> None:
+    """Connected to ``setup_logging``: Celery then leaves the logging spyglass configured alone.
+
+    Celery's ``--loglevel`` still applies (``celery worker`` defaults to WARNING), unless
+    ``SPYGLASS_LOG_LEVEL`` sets the level.
+    """
+    state = runtime.init()
+    if state.disabled or not loglevel or "SPYGLASS_LOG_LEVEL" in os.environ:
+        return
+    name = (logging.getLevelName(loglevel) if isinstance(loglevel, int) else str(loglevel)).lower()
+    if name in LOG_LEVELS:
+        runtime.set_log_level(name)

@@ -29,6 +29,9 @@ OUTCOMES = ("success", "failure", "retry", "rejected", "revoked", "expired", "ti
 
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _every_app = False
+# Names already looked up; bounded, since a caller may send arbitrary names.
+_labels: dict[str, str] = {}
+_LABELS_LIMIT = 10_000
 
 
 def register_app(app: Celery) -> bool:
@@ -36,6 +39,7 @@ def register_app(app: Celery) -> bool:
     if app in _apps:
         return False
     _apps.add(app)
+    _labels.clear()
     return True
 
 
@@ -43,15 +47,26 @@ def label_every_app() -> None:
     """Also keep the names of the tasks of whichever app is current (``spyglass.auto``)."""
     global _every_app
     _every_app = True
+    _labels.clear()
 
 
 def task_label(name: str | None) -> str:
     """``name`` if an instrumented app registers it, else :data:`UNREGISTERED_TASK`."""
-    if name:
-        apps = [*_apps, current_app._get_current_object()] if _every_app else _apps
-        for app in apps:
-            if name in app.tasks:
-                return name
+    if not name:
+        return UNREGISTERED_TASK
+    label = _labels.get(name)
+    if label is None:
+        label = _look_up(name)
+        if label == name or len(_labels) < _LABELS_LIMIT:  # registered names are few; others bounded
+            _labels[name] = label
+    return label
+
+
+def _look_up(name: str) -> str:
+    apps = [*_apps, current_app._get_current_object()] if _every_app else _apps
+    for app in apps:
+        if name in app.tasks:
+            return name
     return UNREGISTERED_TASK
 
 

@@ -27,7 +27,9 @@ It creates a PRODUCER span ``apply_async/{task}`` around each publish and a CONS
 Endings that kill the pool process (hard time limit, lost process) are traced by the main
 process: see :mod:`spyglass.integrations.celery_endings`.
 
-The tracer follows the global tracer provider, which prefork pool processes set after the fork.
+Its spans are light spans (:mod:`spyglass.light_tracer`), on the tracer provider of the process
+that starts them (prefork pool processes build theirs after the fork): a fraction of the SDK
+span's cost per task, on the same processors and exporters.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.instrumentation.celery import utils as celery_utils
 from opentelemetry.propagate import inject
 from opentelemetry.trace import Status, StatusCode
+
+from spyglass.light_tracer import LightTracerProvider
 
 __all__ = ["RUN_SPAN_PREFIX", "SpyglassCeleryInstrumentor", "canvas_attributes", "end_run_span", "instrument_traces"]
 
@@ -152,8 +156,8 @@ def _key_spans_by_thread() -> None:
 
 
 def instrument_traces() -> None:
-    """Connect the publish and run spans (once per process)."""
+    """Connect the publish and run spans (once per process), as light spans."""
     _key_spans_by_thread()
     instrumentor = SpyglassCeleryInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument()
+        instrumentor.instrument(tracer_provider=LightTracerProvider())

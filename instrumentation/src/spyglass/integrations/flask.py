@@ -24,8 +24,8 @@ from opentelemetry import trace
 from werkzeug.wsgi import ClosingIterator
 
 from spyglass import runtime
+from spyglass.light_span import LightSpan
 from spyglass.logs import AccessLog
-from spyglass.server_span import ServerSpan
 
 __all__ = ["UNMATCHED_ROUTE", "FlaskInstrumentation", "install_auto_instrumentation", "instrument_flask"]
 
@@ -79,7 +79,7 @@ class _RequestState:
         self.method = method
         self.raw_method = raw_method
         self.path = path
-        self.span: ServerSpan | trace.NonRecordingSpan | None = None
+        self.span: LightSpan | trace.NonRecordingSpan | None = None
         self.context: otel_context.Context | None = None
         self.trace_hex = ""
         self.span_hex = ""
@@ -295,7 +295,7 @@ class FlaskInstrumentation:
         route = state.route or UNMATCHED_ROUTE
         method = state.method
         span = state.span
-        if type(span) is ServerSpan:  # recording (a dropped trace has a NonRecordingSpan)
+        if type(span) is LightSpan:  # recording (a dropped trace has a NonRecordingSpan)
             self._finish_span(span, state, status_code)
         if state.sampled:
             self._metrics.observe(method, route, status, duration, state.trace_hex, state.span_hex)
@@ -308,7 +308,7 @@ class FlaskInstrumentation:
             )
 
     @staticmethod
-    def _finish_span(span: ServerSpan, state: _RequestState, status_code: int) -> None:
+    def _finish_span(span: LightSpan, state: _RequestState, status_code: int) -> None:
         attributes: dict[str, Any] = {"http.response.status_code": status_code}
         name = None
         if state.route is not None:

@@ -1,7 +1,7 @@
 """The request's span behaves like an SDK span for the application and for span processors.
 
 spyglass records the SERVER span of a request in its own light object (see
-``spyglass.server_span``); these tests hold it to what user code and the SDK's pipeline rely on.
+``spyglass.light_span``); these tests hold it to what user code and the SDK's pipeline rely on.
 """
 
 from __future__ import annotations

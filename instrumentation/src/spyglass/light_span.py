@@ -1,19 +1,21 @@
-"""A light recording span for the requests a server handles, on the SDK's own span pipeline.
+"""A light recording span for instrumentation hot paths, on the SDK's own span pipeline.
 
-The SDK's span object costs a request more than the rest of the instrumentation together: a
-lock, attribute containers that validate every value twice (at start and at end), and a second
-object built for the processors when it ends. A server span's own attributes are valid by
-construction, so :class:`ServerSpan` keeps them in a plain dict and is itself the finished
+The SDK's span object costs a request (or a Celery task) more than the rest of the
+instrumentation together: a lock, attribute containers that validate every value twice (at
+start and at end), and a second object built for the processors when it ends.
+:class:`LightSpan` keeps its attributes in a plain dict and is itself the finished
 ``ReadableSpan`` handed to the span processors (batch processor, exporters, anything the user
-added to the tracer provider).
+added to the tracer provider). spyglass uses it for the SERVER span of each Flask request and,
+through :class:`spyglass.light_tracer.LightTracer`, for the Celery publish and run spans.
 
 Everything else behaves as an SDK span: ids come from the provider's id generator, the
-provider's sampler decides, processors see ``on_start`` and ``on_end``, and user code that
-enriches ``trace.get_current_span()`` (``set_attribute(s)``, ``add_event``, ``add_link``,
-``record_exception``, ``set_status``, ``update_name``) gets the SDK's validation and the
-``OTEL_SPAN_*_LIMIT`` / ``OTEL_ATTRIBUTE_*_LIMIT`` limits, through the SDK's own bounded
-containers, which are only created when user code calls them. Child spans started while it is
-current have it as their parent, as usual.
+provider's sampler decides, processors see ``on_start`` and ``on_end``, and code that enriches
+the span (``set_attribute(s)``, ``add_event``, ``add_link``, ``record_exception``,
+``set_status``, ``update_name``) gets the SDK's validation and the ``OTEL_SPAN_*_LIMIT`` /
+``OTEL_ATTRIBUTE_*_LIMIT`` limits: string, boolean and number attributes are checked inline
+(the SDK would store them unchanged), anything else, and any span over a limit, goes through
+the SDK's own bounded containers. Child spans started while it is current have it as their
+parent, as usual.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from opentelemetry.util import types
 
 from spyglass.sampling import TRACE_ID_LIMIT, SamplingRule
 
-__all__ = ["ServerSpan", "ServerSpanStarter"]
+__all__ = ["LightSpan", "LightSpanStarter"]
 
 _logger = logging.getLogger("spyglass.traces")
 _UNSET = Status(StatusCode.UNSET)
@@ -55,17 +57,16 @@ _FLAGS = {
 }
 
 
-class ServerSpan(trace.Span, ReadableSpan):
-    """A recording SERVER span: the API of a span while it runs, a ``ReadableSpan`` once ended.
+class LightSpan(trace.Span, ReadableSpan):
+    """A recording span: the API of a span while it runs, a ``ReadableSpan`` once ended.
 
-    Create it with :meth:`ServerSpanStarter.start`. After :meth:`end`, changes are ignored with a
+    Create it with :meth:`LightSpanStarter.start`. After :meth:`end`, changes are ignored with a
     warning, as the SDK does. Unlike the SDK's span it takes no lock of its own: it is meant to be
     changed by the thread handling the request (attributes, once user code sets one, live in the
     SDK's ``BoundedAttributes``, which does lock).
     """
 
     # Defaults shared by every instance: most requests add no event or link and set no status.
-    _kind = SpanKind.SERVER
     _events: Sequence[Event] = ()
     _links: Sequence[Link] = ()
     _status = _UNSET
@@ -74,7 +75,7 @@ class ServerSpan(trace.Span, ReadableSpan):
 
     def __init__(
         self,
-        starter: ServerSpanStarter,
+        starter: LightSpanStarter,
         name: str,
         context: SpanContext,
         trace_id: int,
@@ -82,8 +83,10 @@ class ServerSpan(trace.Span, ReadableSpan):
         parent: SpanContext | None,
         attributes: MutableMapping[str, Any],
         start_time: int,
+        kind: SpanKind = SpanKind.SERVER,
     ) -> None:
         self._starter = starter
+        self._kind = kind
         self._name = name
         self._context = context
         self._trace_id = trace_id
@@ -95,7 +98,7 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._instrumentation_scope = starter.scope
 
     def __repr__(self) -> str:
-        return f'ServerSpan(name="{self._name}", context={self._context})'
+        return f'LightSpan(name="{self._name}", context={self._context})'
 
     # -- the span API --------------------------------------------------------------------------
     def get_span_context(self) -> SpanContext:
@@ -110,15 +113,33 @@ class ServerSpan(trace.Span, ReadableSpan):
         """Set one attribute (validated and limited as by the SDK)."""
         if self._ended("set_attribute"):
             return
-        self._bounded_attributes()[key] = value
+        if not self._set_plain(key, value):
+            self._bounded_attributes()[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         """Set several attributes (validated and limited as by the SDK)."""
         if self._ended("set_attributes"):
             return
-        bounded = self._bounded_attributes()
         for key, value in attributes.items():
-            bounded[key] = value
+            if not self._set_plain(key, value):
+                self._bounded_attributes()[key] = value
+
+    def _set_plain(self, key: str, value: types.AnyValue) -> bool:
+        """Store a value the SDK would keep unchanged in the plain dict; False to take the SDK's path."""
+        attributes = self._attributes
+        if type(attributes) is not dict or type(key) is not str or not key:
+            return False
+        kind = type(value)
+        if kind is str:
+            limit = self._starter.limits.max_span_attribute_length
+            if limit is not None and len(value) > limit:
+                return False  # truncated by the SDK
+        elif kind is not bool and kind is not int and kind is not float:
+            return False
+        if key not in attributes and len(attributes) >= self._starter.max_attributes:
+            return False  # dropped and counted by the SDK
+        attributes[key] = value
+        return True
 
     def finish(
         self,
@@ -274,8 +295,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         return bounded
 
 
-class ServerSpanStarter:
-    """Starts :class:`ServerSpan` objects on a tracer provider's sampler, ids, resource and processors."""
+class LightSpanStarter:
+    """Starts :class:`LightSpan` objects on a tracer provider's sampler, ids, resource and processors."""
 
     def __init__(
         self,
@@ -283,6 +304,7 @@ class ServerSpanStarter:
         scope_name: str,
         scope_version: str,
         rule: SamplingRule | None = None,
+        schema_url: str | None = None,
     ) -> None:
         """Use ``provider``'s pipeline; ``rule`` stands in for its sampler, which must decide the same.
 
@@ -293,20 +315,26 @@ class ServerSpanStarter:
             raise TypeError("this OpenTelemetry SDK version hides its span processors from spyglass")
         self.processor: SpanProcessor = processor
         self.resource = provider.resource
-        self.scope = InstrumentationScope(scope_name, scope_version)
+        self.scope = InstrumentationScope(scope_name, scope_version, schema_url)
         self.limits = SpanLimits()
+        limit = self.limits.max_span_attributes
+        self.max_attributes: int = limit if limit is not None else 1 << 62
         self._sampler = provider.sampler
         self._rule = rule
         self._ids = provider.id_generator
         self._random_ids = self._ids.is_trace_id_random()
 
     def start(
-        self, name: str, parent_context: otel_context.Context | None, attributes: dict[str, Any]
+        self,
+        name: str,
+        parent_context: otel_context.Context | None,
+        attributes: dict[str, Any],
+        kind: SpanKind = SpanKind.SERVER,
     ) -> tuple[trace.Span, int, int, bool]:
-        """Start a SERVER span under ``parent_context`` (the current context when ``None``).
+        """Start a span of ``kind`` under ``parent_context`` (the current context when ``None``).
 
         ``attributes`` must hold valid attribute values (strings, numbers, booleans); the dict
-        becomes the span's. Returns the span (a :class:`ServerSpan`, or a ``NonRecordingSpan``
+        becomes the span's. Returns the span (a :class:`LightSpan`, or a ``NonRecordingSpan``
         when the sampler drops the trace) with its trace id, span id and sampled flag.
         """
         start_time = time_ns()
@@ -337,7 +365,7 @@ class ServerSpanStarter:
                 return NonRecordingSpan(context), trace_id, span_id, False
             span_attributes: MutableMapping[str, Any] = attributes
         else:
-            result = self._sampler.should_sample(parent_context, trace_id, name, SpanKind.SERVER, attributes)
+            result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes)
             context = SpanContext(
                 trace_id,
                 span_id,
@@ -357,6 +385,6 @@ class ServerSpanStarter:
                 )
             else:
                 span_attributes = attributes
-        span = ServerSpan(self, name, context, trace_id, span_id, parent, span_attributes, start_time)
+        span = LightSpan(self, name, context, trace_id, span_id, parent, span_attributes, start_time, kind)
         self.processor.on_start(span, parent_context=parent_context)
         return span, trace_id, span_id, sampled
