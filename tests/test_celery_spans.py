@@ -22,6 +22,7 @@ from tests.celery_support import Worker, completed, start_worker, stop_worker
 from tests.conftest import REPO, clean_environment, read_spans, wait_for
 
 ERROR = 2
+PRODUCER, CONSUMER = 4, 5  # OTLP span kinds
 
 PUBLISH_SCRIPT = """
 import json
@@ -188,6 +189,7 @@ def test_every_outcome_ends_its_run_span_with_the_right_status(tmp_path: Path, r
         return span
 
     def assert_ended(span: dict, outcome: str | None, error: bool) -> None:
+        assert span["kind"] == CONSUMER and by_id[span["parentSpanId"]]["kind"] == PRODUCER
         assert span["attributes"].get("celery.outcome") == outcome, span
         assert (span["status"].get("code") == ERROR) is error, span
         # Each run is a child of its task's publish span (a retry's: of the retry's publish).

@@ -24,6 +24,11 @@ It creates a PRODUCER span ``apply_async/{task}`` around each publish and a CONS
   the retried run and ``celery.retries`` on the next, whose publish span is a child of the
   retried run, so the attempts form one trace.
 
+On the path of every task, the run span's attributes are set in one pass (the instrumentation
+reads the signal's arguments as a second task request, for ``celery.state`` alone) and its
+``flower.task.runtime.seconds`` OpenTelemetry histogram is left out: spyglass records
+``celery_task_runtime_seconds``.
+
 Endings that kill the pool process (hard time limit, lost process) are traced by the main
 process: see :mod:`spyglass.integrations.celery_endings`.
 
@@ -125,6 +130,34 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
             started = celery_utils.retrieve_context(task, task_id)
             if started is not None:
                 _set_canvas_attributes(started[0], task.request)
+
+    def _trace_postrun(self, *args: Any, **kwargs: Any) -> None:
+        """End the run span with the instrumentation's attributes, in one pass.
+
+        The instrumentation reads the signal's arguments as a task request too, which only ever
+        yields ``celery.state``, and records a ``flower.task.runtime.seconds`` histogram on the
+        OpenTelemetry meter provider (spyglass records ``celery_task_runtime_seconds``): neither
+        is repeated here, on the path of every task.
+        """
+        task, task_id = kwargs.get("task"), kwargs.get("task_id")
+        if task is None or task_id is None:
+            return
+        self.task_id_to_start_time.pop(task_id, None)
+        started = celery_utils.retrieve_context(task, task_id)
+        if started is None:
+            return
+        span, activation, token = started
+        if span.is_recording():
+            span.set_attribute("celery.action", "run")
+            state = kwargs.get("state")
+            if state:
+                span.set_attribute("celery.state", state)
+            celery_utils.set_attributes_from_context(span, task.request)
+            span.set_attribute("celery.task_name", task.name)
+        activation.__exit__(None, None, None)
+        celery_utils.detach_context(task, task_id)
+        if token is not None:
+            otel_context.detach(token)
 
     def _trace_after_publish(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         task_id = celery_utils.retrieve_task_id_from_message(kwargs)
