@@ -86,6 +86,21 @@ def test_tasks_sent_by_a_name_the_app_does_not_register_share_one_label(shop) ->
     )
 
 
+def test_a_task_registered_after_its_first_publish_gets_its_name_from_then_on(shop) -> None:
+    """A name unknown at first (tasks imported later, autodiscovery) is labelled by name once registered."""
+    app, queue, _client = shop
+    app.send_task("shop.ship_order", queue=queue)
+    assert published(UNREGISTERED_TASK, queue) == 1
+
+    @app.task(name="shop.ship_order", shared=False)
+    def ship_order() -> None:
+        return None
+
+    app.send_task("shop.ship_order", queue=queue)
+    assert published("shop.ship_order", queue) == 1
+    assert published(UNREGISTERED_TASK, queue) == 1
+
+
 def test_import_spyglass_auto_instruments_a_celery_app_created_after_it(redis_url: str) -> None:
     """The drop-in import alone: an app defined after `import spyglass.auto` counts what it publishes."""
     queue = f"spyglass-test-{uuid.uuid4().hex[:12]}"

@@ -29,7 +29,7 @@ OUTCOMES = ("success", "failure", "retry", "rejected", "revoked", "expired", "ti
 
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _every_app = False
-# Names already looked up; bounded, since a caller may send arbitrary names.
+# Registered names already looked up (bounded all the same).
 _labels: dict[str, str] = {}
 _LABELS_LIMIT = 10_000
 
@@ -57,7 +57,8 @@ def task_label(name: str | None) -> str:
     label = _labels.get(name)
     if label is None:
         label = _look_up(name)
-        if label == name or len(_labels) < _LABELS_LIMIT:  # registered names are few; others bounded
+        # Only registered names are kept: a name unknown now may be registered later (autodiscovery).
+        if label == name and len(_labels) < _LABELS_LIMIT:
             _labels[name] = label
     return label
 
