@@ -46,9 +46,9 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.celery import CeleryInstrumentor
+from opentelemetry.instrumentation.celery import CeleryInstrumentor, celery_getter
 from opentelemetry.instrumentation.celery import utils as celery_utils
-from opentelemetry.propagate import inject
+from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Status, StatusCode
 
 from spyglass.light_tracer import LightTracerProvider
@@ -124,12 +124,26 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
             inject(headers)
 
     def _trace_prerun(self, *args: Any, **kwargs: Any) -> None:
-        super()._trace_prerun(*args, **kwargs)
+        """Start the run span under the publish span's context, as the instrumentation does.
+
+        The canvas ids go in with the start attributes; the instrumentation's timer for its
+        ``flower.task.runtime.seconds`` histogram is not kept (see :meth:`_trace_postrun`).
+        """
         task, task_id = kwargs.get("task"), kwargs.get("task_id")
-        if task is not None and task_id is not None:
-            started = celery_utils.retrieve_context(task, task_id)
-            if started is not None:
-                _set_canvas_attributes(started[0], task.request)
+        if task is None or task_id is None:
+            return
+        request = task.request
+        parent = extract(request, getter=celery_getter) or None
+        token = otel_context.attach(parent) if parent is not None else None
+        span = self._tracer.start_span(
+            f"{RUN_SPAN_PREFIX}{task.name}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes=canvas_attributes(request),
+        )
+        activation = trace.use_span(span, end_on_exit=True)
+        activation.__enter__()
+        celery_utils.attach_context(task, task_id, span, activation, token)
 
     def _trace_postrun(self, *args: Any, **kwargs: Any) -> None:
         """End the run span with the instrumentation's attributes, in one pass.
@@ -142,7 +156,6 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
         task, task_id = kwargs.get("task"), kwargs.get("task_id")
         if task is None or task_id is None:
             return
-        self.task_id_to_start_time.pop(task_id, None)
         started = celery_utils.retrieve_context(task, task_id)
         if started is None:
             return
