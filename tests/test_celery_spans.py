@@ -40,8 +40,8 @@ print("IDS", json.dumps(ids))
 """
 
 
-def publish(tmp_path: Path, redis_url: str, worker: Worker, sends: list[tuple]) -> dict[str, str]:
-    """Send tasks from an instrumented process that exports its spans to a file; their ids by label."""
+def run_traced_publisher(tmp_path: Path, redis_url: str, worker: Worker, script: str, *args: str) -> str:
+    """Run ``script`` in an instrumented process exporting its spans to a file; its stdout."""
     env = clean_environment()
     env.update(
         CELERY_BROKER_URL=redis_url,
@@ -52,17 +52,18 @@ def publish(tmp_path: Path, redis_url: str, worker: Worker, sends: list[tuple]) 
         SPYGLASS_METRICS_PORT="0",
         PYTHONPATH=str(REPO),
     )
-    sends = [(label, name, args, {"queue": worker.queue, **options}) for label, name, args, options in sends]
     done = subprocess.run(
-        [sys.executable, "-c", PUBLISH_SCRIPT, json.dumps(sends)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-c", script, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("IDS "))[4:])
+    return done.stdout
+
+
+def publish(tmp_path: Path, redis_url: str, worker: Worker, sends: list[tuple]) -> dict[str, str]:
+    """Send tasks from an instrumented process; their ids by label."""
+    sends = [(label, name, args, {"queue": worker.queue, **options}) for label, name, args, options in sends]
+    stdout = run_traced_publisher(tmp_path, redis_url, worker, PUBLISH_SCRIPT, json.dumps(sends))
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("IDS "))[4:])
 
 
 @pytest.fixture
@@ -234,20 +235,7 @@ from tests.apps.tasks import ok
 workflow = chain(ok.si(1), group(ok.si(2), ok.si(3))).apply_async()
 print(json.dumps({"root": workflow.id}))
 """
-    env = clean_environment()
-    env.update(
-        CELERY_BROKER_URL=redis_url,
-        TEST_QUEUE=traced_worker.queue,
-        OTEL_SERVICE_NAME="web",
-        OTEL_TRACES_EXPORTER="otlp_json_file",
-        SPYGLASS_TRACES_FILE=str(tmp_path / "web-traces.jsonl"),
-        SPYGLASS_METRICS_PORT="0",
-        PYTHONPATH=str(REPO),
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_traced_publisher(tmp_path, redis_url, traced_worker, script)
 
     def runs() -> list[dict]:
         return [span for span in all_spans(tmp_path) if span["name"] == "run/tasks.ok"]
