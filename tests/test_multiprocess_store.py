@@ -7,10 +7,12 @@ import struct
 import time
 from pathlib import Path
 
+from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from spyglass.metrics import multiprocess
+from spyglass.metrics.cells import MmapCell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile, attach_exemplars, exemplar_key, read_exemplars
 
 BOUNDS = (0.1, 1.0, float("inf"))
@@ -189,3 +191,53 @@ def test_the_serving_process_folds_in_exited_processes_in_the_background(tmp_pat
     finally:
         compactor.stop()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_archive.db"]
+
+
+def test_values_written_through_cells_are_the_files_prometheus_client_reads(tmp_path: Path, monkeypatch) -> None:
+    """A cell writes its value into the process's own file, and a forked child into the child's file.
+
+    The serving process reads them with prometheus_client's own collector: the sum is exact, and a
+    child never writes into its parent's file.
+    """
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    value_class = values.MultiProcessValue()
+    counted = value_class("counter", "tasks", "tasks_total", ("queue",), ("q",), "Tasks.")
+    cell = cell_of(counted)
+    assert isinstance(cell, MmapCell)
+    cell.inc(2)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        try:
+            cell.inc(5)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    cell.inc(1)
+
+    def read(pid: int) -> float:
+        stored = MmapedDict.read_all_values_from_file(str(tmp_path / f"counter_{pid}.db"))
+        return {key: value for key, value, _timestamp, _position in stored}[counted._key]
+
+    assert read(os.getpid()) == 3.0
+    assert read(child) == 5.0
+    collected = MultiProcessCollector(None, path=str(tmp_path)).collect()
+    assert [sample.value for family in collected for sample in family.samples if sample.name == "tasks_total"] == [8.0]
+    again = value_class("counter", "tasks", "tasks_total", ("queue",), ("q",), "Tasks.")
+    assert again.get() == 3.0  # what a new value object of this process starts from
+
+
+def test_a_gauge_cell_sets_and_adds(tmp_path: Path, monkeypatch) -> None:
+    """``set`` then ``inc`` on a gauge cell leave the file holding the sum, as the library would."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    value_class = values.MultiProcessValue()
+    gauge = value_class("gauge", "last", "last_seconds", (), (), "Last.", multiprocess_mode="max")
+    cell = cell_of(gauge)
+    cell.set(10.0)
+    cell.inc(-2.5)
+    assert value_class("gauge", "last", "last_seconds", (), (), "Last.", multiprocess_mode="max").get() == 7.5
+
+
+def test_single_process_values_are_used_as_they_are() -> None:
+    """Outside multi-process mode the library's own value (a float behind a lock) is the cell."""
+    plain = values.MutexValue("counter", "n", "n_total", (), (), "N.")
+    assert cell_of(plain) is plain

@@ -39,7 +39,8 @@ def sample_spans() -> list:
             pass
     with tracer.start_as_current_span("root", kind=SpanKind.INTERNAL):
         pass
-    server, *_ids = LightSpanStarter(provider, "spyglass", "9.9").start(
+    starter = LightSpanStarter(provider, "spyglass", "9.9")
+    server, *_ids = starter.start(
         "GET", trace.set_span_in_context(trace.NonRecordingSpan(remote)), {"http.request.method": "GET"}
     )
     server.set_attribute("app.items", [1, 2])
@@ -47,13 +48,28 @@ def sample_spans() -> list:
     server.add_link(remote, {"why": "retry"})
     server.set_status(StatusCode.ERROR, "failed")
     server.end()
+    # Light spans as Celery and Flask end them, on the encoder's shortcuts: nothing added, a remote
+    # parent without trace state, a local parent, no parent.
+    plain_remote = SpanContext(0xABC, 0x123, is_remote=True, trace_flags=TraceFlags(1))
+    run, *_ids = starter.start(
+        "run/task",
+        trace.set_span_in_context(trace.NonRecordingSpan(plain_remote)),
+        {"celery.root_id": "r"},
+        SpanKind.CONSUMER,
+    )
+    run.set_attributes({"celery.timelimit": ("", "30"), "celery.retries": 2})
+    with trace.use_span(run, end_on_exit=True):
+        child, *_ids = starter.start("child-of-run", None, {}, SpanKind.INTERNAL)
+        child.end()
+    orphan, *_ids = starter.start("orphan", None, {"n": 1})
+    orphan.end()
     return list(exporter.get_finished_spans())
 
 
 def test_file_lines_equal_the_protobuf_encoding_of_the_sdk() -> None:
     """Decoding a line back into protobuf gives exactly the SDK's own OTLP encoding (SDK and server spans)."""
     spans = sample_spans()
-    assert [span.name for span in spans] == ["child", "parent", "root", "GET"]
+    assert [span.name for span in spans] == ["child", "parent", "root", "GET", "child-of-run", "run/task", "orphan"]
     document = json.loads(spans_to_otlp_json(spans))
     for resource_spans in document["resourceSpans"]:
         for scope_spans in resource_spans["scopeSpans"]:

@@ -49,6 +49,7 @@ _logger = logging.getLogger("spyglass.traces")
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 _EXCEPTION_ESCAPED = "exception.escaped"
+_PLAIN_ITEM_TYPES = frozenset((str, bool, int, float))
 # The four trace-flag values a span can get: sampled or not, random trace id or not.
 _FLAGS = {
     (sampled, random): TraceFlags(TraceFlags.SAMPLED * sampled | TraceFlags.RANDOM_TRACE_ID * random)
@@ -120,12 +121,17 @@ class LightSpan(trace.Span, ReadableSpan):
         """Set several attributes (validated and limited as by the SDK)."""
         if self._ended("set_attributes"):
             return
+        set_plain = self._set_plain
         for key, value in attributes.items():
-            if not self._set_plain(key, value):
+            if not set_plain(key, value):
                 self._bounded_attributes()[key] = value
 
     def _set_plain(self, key: str, value: types.AnyValue) -> bool:
-        """Store a value the SDK would keep unchanged in the plain dict; False to take the SDK's path."""
+        """Store a value the SDK would keep unchanged in the plain dict; False to take the SDK's path.
+
+        Strings within the length limit, booleans, numbers, and lists or tuples of one of those
+        types (stored as a tuple, as the SDK does).
+        """
         attributes = self._attributes
         if type(attributes) is not dict or type(key) is not str or not key:
             return False
@@ -134,6 +140,10 @@ class LightSpan(trace.Span, ReadableSpan):
             limit = self._starter.limits.max_span_attribute_length
             if limit is not None and len(value) > limit:
                 return False  # truncated by the SDK
+        elif kind is tuple or kind is list:
+            value = _plain_sequence(value, self._starter.limits.max_span_attribute_length)  # type: ignore[arg-type]
+            if value is None:
+                return False
         elif kind is not bool and kind is not int and kind is not float:
             return False
         if key not in attributes and len(attributes) >= self._starter.max_attributes:
@@ -293,6 +303,25 @@ class LightSpan(trace.Span, ReadableSpan):
         )
         self._attributes = bounded
         return bounded
+
+
+def _plain_sequence(items: list | tuple, limit: int | None) -> tuple | None:
+    """``items`` as the tuple the SDK would store, if it keeps them unchanged; else ``None``.
+
+    The SDK keeps a sequence whose items all have the same type, one of str, bool, int, float
+    (strings within the length limit); it drops or converts anything else.
+    """
+    if not items:
+        return ()
+    kind = type(items[0])
+    if kind not in _PLAIN_ITEM_TYPES:
+        return None
+    for item in items:
+        if type(item) is not kind:
+            return None
+    if kind is str and limit is not None and any(len(item) > limit for item in items):
+        return None
+    return tuple(items)
 
 
 class LightSpanStarter:

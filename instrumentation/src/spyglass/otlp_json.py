@@ -23,12 +23,15 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from spyglass.light_span import LightSpan
 
+_UNSET_STATUS = LightSpan._status  # a light span's status until something sets one
+
 __all__ = ["OtlpJsonFileSpanExporter", "encode_spans_json", "spans_to_otlp_json"]
 
 _logger = logging.getLogger("spyglass.traces")
 # OTLP SpanFlags: the parent's remoteness is known (0x100), and the parent is remote (0x200).
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
+_REMOTE_PARENT_FLAGS = _HAS_IS_REMOTE | _IS_REMOTE
 
 
 def _any_value(value: Any) -> dict[str, Any]:
@@ -152,7 +155,17 @@ def _add_events_links_status(encoded: dict[str, Any], span: ReadableSpan, events
 
 def _light_span(span: LightSpan) -> dict[str, Any]:
     """:func:`_span` for spyglass's light spans, read from their fields (fewer property calls)."""
-    encoded = _identity(span._trace_id, span._span_id, span._context.trace_state, span._parent)
+    parent = span._parent
+    trace_state = span._context.trace_state
+    if parent is None or trace_state:
+        encoded = _identity(span._trace_id, span._span_id, trace_state, parent)
+    else:  # the usual case: a parent, no trace state
+        encoded = {
+            "traceId": f"{span._trace_id:032x}",
+            "spanId": f"{span._span_id:016x}",
+            "parentSpanId": f"{parent.span_id:016x}",
+            "flags": _REMOTE_PARENT_FLAGS if parent.is_remote else _HAS_IS_REMOTE,
+        }
     encoded["name"] = span._name
     encoded["kind"] = _KINDS[span._kind]
     encoded["startTimeUnixNano"] = str(span._start_time)
@@ -160,9 +173,13 @@ def _light_span(span: LightSpan) -> dict[str, Any]:
     attributes = span._attributes
     if attributes:
         encoded["attributes"] = _attributes(attributes)
-        if span.dropped_attributes:
+        if type(attributes) is not dict and span.dropped_attributes:
             encoded["droppedAttributesCount"] = span.dropped_attributes
-    _add_events_links_status(encoded, span, span._events, span._links)
+    events, links, status = span._events, span._links, span._status
+    if type(events) is tuple and type(links) is tuple and status is _UNSET_STATUS:
+        encoded["status"] = {}  # none added (nor dropped by a limit), no status set: the usual case
+    else:
+        _add_events_links_status(encoded, span, events, links)
     return encoded
 
 

@@ -28,6 +28,7 @@ from spyglass.config import Settings
 from spyglass.metrics.instruments import SpanPipelineMetrics
 from spyglass.otlp_json import OtlpJsonFileSpanExporter
 from spyglass.sampling import build_sampler
+from spyglass.trace_context import mark_w3c_propagator
 
 __all__ = ["CountingSpanExporter", "build_propagator", "build_resource", "build_tracer_provider"]
 
@@ -49,7 +50,10 @@ def build_propagator(settings: Settings) -> TextMapPropagator:
         "tracecontext": TraceContextTextMapPropagator(),
         "baggage": W3CBaggagePropagator(),
     }
-    return CompositePropagator([known[name] for name in settings.propagators])
+    propagator = CompositePropagator([known[name] for name in settings.propagators])
+    if "tracecontext" in settings.propagators:  # and nothing but baggage besides: see trace_context
+        mark_w3c_propagator(propagator)
+    return propagator
 
 
 class CountingSpanExporter(SpanExporter):

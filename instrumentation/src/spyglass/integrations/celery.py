@@ -28,41 +28,32 @@ records them itself. celery beat counts what it sends on schedule and when it la
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
-import structlog
-from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Celery, signals
-from opentelemetry import trace
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from spyglass import runtime
 from spyglass.catalog import by_name
 from spyglass.config import LOG_LEVELS
-from spyglass.integrations import celery_endings
+from spyglass.integrations import celery_endings, celery_runs
 from spyglass.integrations.celery_labels import (
     UNREGISTERED_TASK,
     label_every_app,
     queue_of,
     register_app,
     task_label,
-    type_name,
 )
-from spyglass.integrations.celery_traces import end_run_span
+from spyglass.integrations.celery_runs import PUBLISHED_AT_HEADER
 from spyglass.metrics.broker_queues import BrokerQueueCollector, probe_for
-from spyglass.metrics.instruments import CeleryMetrics
 
 __all__ = ["PUBLISHED_AT_HEADER", "UNREGISTERED_TASK", "install_auto_instrumentation", "instrument_celery"]
 
-PUBLISHED_AT_HEADER = "spyglass_published_at"
-"""Message header holding the publish time (Unix seconds, float) that the worker reads back."""
 _DISPATCH_UID = "spyglass.celery"
 _lock = threading.Lock()
 
@@ -96,10 +87,11 @@ def install_auto_instrumentation() -> None:
 def _connect_signals() -> None:
     receivers = (
         (signals.before_task_publish, _before_task_publish),
-        (signals.task_failure, _task_failure),
-        (signals.task_postrun, _task_postrun),
+        (signals.task_prerun, celery_runs.task_started),
+        (signals.task_postrun, celery_runs.task_finished),
+        (signals.task_failure, celery_runs.task_failed),
         (signals.task_revoked, _task_revoked),
-        (signals.task_retry, _task_retry),
+        (signals.task_retry, celery_runs.task_retried),
         (signals.celeryd_after_setup, _worker_set_up),
         (signals.beat_init, _beat_started),
         (signals.beat_embedded_init, _beat_started),
@@ -109,11 +101,7 @@ def _connect_signals() -> None:
     )
     for signal, receiver in receivers:  # one receiver per signal: the dispatch uid is per signal
         signal.connect(receiver, weak=False, dispatch_uid=_DISPATCH_UID)
-    # Receivers run in the order they were connected: spyglass's task_postrun runs while the run
-    # span is still current, and its task_prerun once the run span is (for exemplars and log ids).
     _instrument_traces()
-    signals.task_prerun.connect(_task_prerun, weak=False, dispatch_uid=_DISPATCH_UID)
-    signals.task_postrun.connect(_flush_interrupted_run, weak=False, dispatch_uid=f"{_DISPATCH_UID}.flush")
 
 
 def _instrument_traces() -> None:
@@ -123,7 +111,7 @@ def _instrument_traces() -> None:
         return
     from spyglass.integrations.celery_traces import instrument_traces
 
-    instrument_traces()
+    celery_runs.set_run_tracer(instrument_traces())
 
 
 def _before_task_publish(
@@ -154,135 +142,12 @@ def _beat_started(**_extra: Any) -> None:
     _in_beat = True
 
 
-# -- running tasks (in the pool process that runs them) ----------------------------------------
-class _Execution:
-    __slots__ = ("exception", "name", "queue", "span_id", "started", "trace_id")
-
-    def __init__(self, name: str, queue: str) -> None:
-        self.name = name
-        self.queue = queue
-        self.started = time.perf_counter()
-        self.exception: BaseException | None = None
-        self.trace_id, self.span_id = _sampled_span_ids()
-
-
-# Runs in progress in this process, by task id and thread: with the threads pool a task that
-# retries itself at once starts its next run while the first one is ending.
-_running: dict[tuple[str, int], _Execution] = {}
-_OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry", "REJECTED": "rejected"}
-
-
-def _metrics() -> CeleryMetrics | None:
-    state = runtime.current()
-    return state.celery_metrics() if state is not None else None
-
-
-def _queue_wait(request: Any, now: float) -> float | None:
-    """Seconds from publish (or from the ETA, if later) until now; ``None`` without a publish stamp."""
-    published = getattr(request, PUBLISHED_AT_HEADER, None)
-    if published is None:
-        return None
-    try:
-        since = float(published)
-    except (TypeError, ValueError):
-        return None
-    eta = getattr(request, "eta", None)
-    if eta:
-        with contextlib.suppress(TypeError, ValueError):
-            since = max(since, datetime.fromisoformat(eta).timestamp())
-    return now - since
-
-
-def _task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_extra: Any) -> None:
-    task = task or sender
-    metrics = _metrics()
-    if task is None or task_id is None or metrics is None:
-        return
-    request = task.request
-    execution = _running[task_id, threading.get_ident()] = _Execution(task_label(task.name), queue_of(request))
-    wait = _queue_wait(request, time.time())
-    metrics.started(execution.name, execution.queue, wait, execution.trace_id, execution.span_id)
-    # Every line logged while the task runs (Celery's "succeeded" line included) names it.
-    structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
-
-
-def _task_failure(
-    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_extra: Any
-) -> None:
-    execution = _running.get((task_id or "", threading.get_ident()))
-    metrics = _metrics()
-    if metrics is None or exception is None:
-        return
-    if execution is None:  # not run in this process: the main process reporting on its pool
-        celery_endings.ending_signalled(task_id)
-        return
-    execution.exception = exception
-    metrics.failed(execution.name, execution.queue, type_name(exception))
-
-
-def _task_retry(request: Any = None, **_extra: Any) -> None:
-    """In the main process, Celery retrying the task of a lost pool process: it did not succeed."""
-    task_id = getattr(request, "id", None)
-    if (task_id, threading.get_ident()) not in _running:
-        celery_endings.ending_signalled(task_id)
-
-
-def _task_postrun(
-    task: Any = None, task_id: str | None = None, state: str | None = None, retval: Any = None, **_extra: Any
-) -> None:
-    structlog.contextvars.unbind_contextvars("task_id", "task_name")
-    execution = _running.pop((task_id or "", threading.get_ident()), None)
-    metrics = _metrics()
-    if execution is None or metrics is None:
-        return
-    outcome: str | None
-    elapsed = time.perf_counter() - execution.started
-    if isinstance(execution.exception, SoftTimeLimitExceeded | TimeLimitExceeded):
-        outcome = "time_limit"
-    elif state is None:
-        # Interrupted (SIGTERM at the hard time limit, or from revoke(terminate=True)): Celery
-        # reports no state, and the main process counts how it ended. The run span says why.
-        outcome = None
-        end_run_span("time_limit" if _past_hard_time_limit(task, elapsed) else None, state, retval)
-    else:
-        # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
-        outcome = _OUTCOMES.get(state or "", "success" if state == "IGNORED" else "failure")
-    if state is not None:
-        end_run_span(outcome, state, retval)
-    metrics.finished(execution.name, execution.queue, outcome, elapsed, execution.trace_id, execution.span_id)
-
-
-def _past_hard_time_limit(task: Any, elapsed: float) -> bool:
-    """Whether a run interrupted after ``elapsed`` seconds reached its hard time limit."""
-    if task is None:
-        return False
-    limits = getattr(task.request, "timelimit", None) or (None, None)
-    hard = limits[0] or task.time_limit or task.app.conf.task_time_limit
-    # The pool counts from the moment it accepted the task, a little before task_prerun.
-    return bool(hard) and elapsed >= float(hard) * 0.95
-
-
-def _flush_interrupted_run(state: str | None = None, **_extra: Any) -> None:
-    """After an interrupted run's span ended: export it now, before the pool process is killed."""
-    if state is None:
-        telemetry = runtime.current()
-        if telemetry is not None and telemetry.role == "worker":
-            telemetry.flush(timeout_millis=80)
-
-
-def _sampled_span_ids() -> tuple[str, str]:
-    """Hex ids of the current span if it is sampled (the task's run span), else empty strings."""
-    context = trace.get_current_span().get_span_context()
-    if not (context.is_valid and context.trace_flags.sampled):
-        return "", ""
-    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
-
-
 # -- tasks that end without running (in the worker's main process) ------------------------------
 def _task_revoked(
     sender: Any = None, request: Any = None, expired: bool = False, terminated: bool = False, **_extra: Any
 ) -> None:
-    metrics = _metrics()
+    state = runtime.current()
+    metrics = state.celery_metrics() if state is not None else None
     if metrics is None or request is None:  # terminated too: the main process killed it while running
         return
     name = getattr(request, "task_name", None) or getattr(request, "task", None) or getattr(sender, "name", None)

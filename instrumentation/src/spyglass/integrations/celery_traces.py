@@ -24,10 +24,14 @@ It creates a PRODUCER span ``apply_async/{task}`` around each publish and a CONS
   the retried run and ``celery.retries`` on the next, whose publish span is a child of the
   retried run, so the attempts form one trace.
 
-On the path of every task, the run span's attributes are set in one pass (the instrumentation
-reads the signal's arguments as a second task request, for ``celery.state`` alone) and its
-``flower.task.runtime.seconds`` OpenTelemetry histogram is left out: spyglass records
-``celery_task_runtime_seconds``.
+The run span is started and ended by spyglass's own ``task_prerun`` and ``task_postrun``
+receivers (:mod:`spyglass.integrations.celery_runs`), which record the task metrics in the same
+call: the instrumentation's two receivers are not connected. They would read the task request
+again, set the attributes one call each, and record a ``flower.task.runtime.seconds``
+OpenTelemetry histogram that spyglass does not export (it records
+``celery_task_runtime_seconds``). The span is the same: name, kind, parent, attributes (the
+instrumentation's, see :func:`request_attributes`) and where its ``task_failure`` and
+``task_retry`` receivers find it.
 
 Endings that kill the pool process (hard time limit, lost process) are traced by the main
 process: see :mod:`spyglass.integrations.celery_endings`.
@@ -44,22 +48,48 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from celery import signals
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor, celery_getter
 from opentelemetry.instrumentation.celery import utils as celery_utils
-from opentelemetry.propagate import extract, inject
+from opentelemetry.propagate import inject
 from opentelemetry.trace import Status, StatusCode
 
 from spyglass.light_tracer import LightTracerProvider
+from spyglass.trace_context import remote_parent
 
-__all__ = ["RUN_SPAN_PREFIX", "SpyglassCeleryInstrumentor", "canvas_attributes", "end_run_span", "instrument_traces"]
+__all__ = [
+    "RUN_SPAN_PREFIX",
+    "SpyglassCeleryInstrumentor",
+    "canvas_attributes",
+    "instrument_traces",
+    "request_attributes",
+]
 
 RUN_SPAN_PREFIX = "run/"
 """Run spans are named ``run/{task name}`` (as opentelemetry-instrumentation-celery names them)."""
 _APPLY_ASYNC = "apply_async"
 # Span attribute -> the field of the message headers and of the task request holding it.
 _CANVAS_FIELDS = {"celery.root_id": "root_id", "celery.parent_id": "parent_id", "celery.group_id": "group"}
+_CANVAS_ITEMS = tuple(_CANVAS_FIELDS.items())
+# (request field, span attribute) in the instrumentation's order (CELERY_CONTEXT_ATTRIBUTES): a
+# later field overwrites an earlier one's attribute (origin the hostname, routing_key the
+# destination), as there.
+_REQUEST_FIELDS = tuple(
+    (
+        field,
+        {
+            "origin": "celery.hostname",
+            "id": "messaging.message.id",
+            "correlation_id": "messaging.conversation_id",
+            "routing_key": "messaging.destination",
+            "declare": "messaging.destination_kind",
+        }.get(field, f"celery.{field}"),
+    )
+    for field in celery_utils.CELERY_CONTEXT_ATTRIBUTES
+)
+_NO_TIME_LIMITS = ((None, None), [None, None])
 
 
 def canvas_attributes(source: Mapping[str, Any] | Any) -> dict[str, str]:
@@ -68,26 +98,58 @@ def canvas_attributes(source: Mapping[str, Any] | Any) -> dict[str, str]:
     return {attribute: value for attribute, field in _CANVAS_FIELDS.items() if isinstance(value := read(field), str)}
 
 
+def _request_canvas_attributes(request: Any) -> dict[str, str]:
+    """:func:`canvas_attributes` of a task request, on the path of every task."""
+    attributes = {}
+    for attribute, field in _CANVAS_ITEMS:
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            attributes[attribute] = value
+    return attributes
+
+
 def _set_canvas_attributes(span: trace.Span, source: Mapping[str, Any] | Any) -> None:
     if span.is_recording():
         span.set_attributes(canvas_attributes(source))
 
 
-def end_run_span(outcome: str | None, state: str | None, retval: Any) -> None:
-    """Mark the current run span (before it ends) with how the task ended.
+def request_attributes(request: Any) -> dict[str, Any]:
+    """The attributes opentelemetry-instrumentation-celery sets on a run span from the task request.
 
-    Called from the ``task_postrun`` receiver that runs while the run span is current.
+    The same names and values as its ``set_attributes_from_context``, built as one dict (set on
+    the span in one call) rather than one ``set_attribute`` call per field.
     """
-    span = trace.get_current_span()
-    if not span.is_recording():
-        return
-    if outcome is not None:
-        span.set_attribute("celery.outcome", outcome)
-    if state is None:
-        reason = "hard time limit exceeded" if outcome == "time_limit" else "terminated while running"
-        span.set_status(Status(StatusCode.ERROR, reason))
-    elif state == "REJECTED":
-        span.set_status(Status(StatusCode.ERROR, f"rejected: {retval!r}"))
+    attributes: dict[str, Any] = {}
+    for field, name in _REQUEST_FIELDS:
+        value = getattr(request, field, None)
+        if value is None or value == "":
+            continue
+        if field == "timelimit":
+            if value in _NO_TIME_LIMITS:
+                continue
+            if None in value:
+                value = ["" if limit is None else str(limit) for limit in value]
+        elif field == "retries":
+            if value == 0:
+                continue
+        elif field == "delivery_info":
+            routing_key = value.get("routing_key")
+            if routing_key is not None:
+                attributes["messaging.destination"] = routing_key
+            value = str(value)
+        elif field == "declare":
+            value = _destination_kind(value)
+        attributes[name] = value
+    return attributes
+
+
+def _destination_kind(declarations: Any) -> Any:
+    for declaration in declarations:
+        if declaration.exchange.type == "direct":
+            return "queue"
+        if declaration.exchange.type == "topic":
+            return "topic"
+    return declarations
 
 
 class SpyglassCeleryInstrumentor(CeleryInstrumentor):
@@ -123,54 +185,68 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
         if headers:
             inject(headers)
 
-    def _trace_prerun(self, *args: Any, **kwargs: Any) -> None:
-        """Start the run span under the publish span's context, as the instrumentation does.
+    def _instrument(self, **kwargs: Any) -> None:
+        """Connect the instrumentation's receivers, except those of the run span.
 
-        The canvas ids go in with the start attributes; the instrumentation's timer for its
-        ``flower.task.runtime.seconds`` histogram is not kept (see :meth:`_trace_postrun`).
+        spyglass's own ``task_prerun`` and ``task_postrun`` receivers
+        (:mod:`spyglass.integrations.celery_runs`) start and end the run span through
+        :meth:`start_run` and :meth:`end_run`, with its metrics, in one call each.
         """
-        task, task_id = kwargs.get("task"), kwargs.get("task_id")
-        if task is None or task_id is None:
-            return
-        request = task.request
-        parent = extract(request, getter=celery_getter) or None
-        token = otel_context.attach(parent) if parent is not None else None
+        super()._instrument(**kwargs)
+        signals.task_prerun.disconnect(self._trace_prerun)
+        signals.task_postrun.disconnect(self._trace_postrun)
+
+    def start_run(self, task: Any, task_id: str, request: Any) -> tuple[trace.Span, object]:
+        """Start the run span of ``task`` under the context its message carries, and make it current.
+
+        Returns the span and the token that :meth:`end_run` detaches. The span is also kept where
+        the instrumentation's ``task_failure`` and ``task_retry`` receivers look for it.
+        """
+        parent = remote_parent(request, celery_getter)
         span = self._tracer.start_span(
             f"{RUN_SPAN_PREFIX}{task.name}",
             context=parent,
             kind=trace.SpanKind.CONSUMER,
-            attributes=canvas_attributes(request),
+            attributes=_request_canvas_attributes(request),
         )
-        activation = trace.use_span(span, end_on_exit=True)
-        activation.__enter__()
-        celery_utils.attach_context(task, task_id, span, activation, token)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        celery_utils.attach_context(task, task_id, span, None, token)
+        return span, token
 
-    def _trace_postrun(self, *args: Any, **kwargs: Any) -> None:
-        """End the run span with the instrumentation's attributes, in one pass.
+    def end_run(
+        self,
+        task: Any,
+        task_id: str,
+        span: trace.Span,
+        token: object,
+        request: Any,
+        state: str | None,
+        outcome: str | None,
+        retval: Any,
+    ) -> None:
+        """End a run span started by :meth:`start_run`, with the instrumentation's attributes and the outcome.
 
-        The instrumentation reads the signal's arguments as a task request too, which only ever
-        yields ``celery.state``, and records a ``flower.task.runtime.seconds`` histogram on the
-        OpenTelemetry meter provider (spyglass records ``celery_task_runtime_seconds``): neither
-        is repeated here, on the path of every task.
+        ``state`` is Celery's (``None`` when the run was interrupted: status ERROR, with the
+        reason: ``outcome`` ``time_limit`` for the hard time limit); a rejected message ends
+        with status ERROR too. ``outcome`` is the ``celery.outcome`` attribute.
         """
-        task, task_id = kwargs.get("task"), kwargs.get("task_id")
-        if task is None or task_id is None:
-            return
-        started = celery_utils.retrieve_context(task, task_id)
-        if started is None:
-            return
-        span, activation, token = started
         if span.is_recording():
-            span.set_attribute("celery.action", "run")
-            state = kwargs.get("state")
+            attributes = request_attributes(request)
+            attributes["celery.action"] = "run"
             if state:
-                span.set_attribute("celery.state", state)
-            celery_utils.set_attributes_from_context(span, task.request)
-            span.set_attribute("celery.task_name", task.name)
-        activation.__exit__(None, None, None)
+                attributes["celery.state"] = state
+            attributes["celery.task_name"] = task.name
+            if outcome is not None:
+                attributes["celery.outcome"] = outcome
+            span.set_attributes(attributes)
+            if state is None:
+                reason = "hard time limit exceeded" if outcome == "time_limit" else "terminated while running"
+                span.set_status(Status(StatusCode.ERROR, reason))
+            elif state == "REJECTED":
+                span.set_status(Status(StatusCode.ERROR, f"rejected: {retval!r}"))
+        span.end()
         celery_utils.detach_context(task, task_id)
-        if token is not None:
-            otel_context.detach(token)
+        otel_context.detach(token)
 
     def _trace_after_publish(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         task_id = celery_utils.retrieve_task_id_from_message(kwargs)
@@ -201,9 +277,15 @@ def _key_spans_by_thread() -> None:
             setattr(celery_utils, name, _keyed_by_thread(helper))
 
 
-def instrument_traces() -> None:
-    """Connect the publish and run spans (once per process), as light spans."""
+def instrument_traces() -> SpyglassCeleryInstrumentor | None:
+    """Connect the publish and run spans (once per process), as light spans.
+
+    Returns the instrumentor that starts and ends run spans, for spyglass's task receivers
+    (``None`` if the application instrumented Celery with opentelemetry-instrumentation-celery
+    itself: its own receivers then trace the runs).
+    """
     _key_spans_by_thread()
     instrumentor = SpyglassCeleryInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument(tracer_provider=LightTracerProvider())
+    return instrumentor if isinstance(instrumentor, SpyglassCeleryInstrumentor) else None

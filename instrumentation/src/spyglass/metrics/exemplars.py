@@ -128,9 +128,10 @@ class ExemplarFile:
         """Keep ``value`` with its trace and span ids as the exemplar of its bucket."""
         index = bisect_left(bounds, value)
         cache_key = (family, series, index)
-        with self._lock:
-            if self._owner_pid != os.getpid():
-                self._forget_parent_file()
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._map is None:  # not opened yet, or forgotten after a fork (see _after_fork_in_child)
                 self._open()
             position = self._positions.get(cache_key)
             if position is None:
@@ -138,6 +139,8 @@ class ExemplarFile:
                 labels.append(("le", floatToGoString(bounds[index])))
                 position = self._positions[cache_key] = self._allocate(exemplar_key(family, labels))
             self._write(position, value, timestamp, trace_id, span_id)
+        finally:
+            lock.release()
 
     def _write(self, position: int, value: float, timestamp: float, trace_id: bytes, span_id: bytes) -> None:
         assert self._map is not None

@@ -11,12 +11,12 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.samples import Exemplar
 
 from spyglass.catalog import MetricSpec, by_name
+from spyglass.metrics.cells import Cell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile
 
 __all__ = ["CeleryMetrics", "HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
@@ -71,9 +71,9 @@ class HttpServerMetrics(_Registered):
         self._bounds = (*duration_spec.buckets, float("inf"))
         self._exemplars = exemplars
         self._children: dict[tuple[str, str, str], _FastHistogram] = {}
-        self._active_children: dict[str, _Value] = {}
+        self._active_children: dict[str, Cell] = {}
 
-    def active(self, method: str) -> _Value:
+    def active(self, method: str) -> Cell:
         """The in-flight count for ``method``: call ``inc(1)`` when a request starts, ``inc(-1)`` when it ends."""
         value = self._active_children.get(method)
         if value is None:
@@ -121,10 +121,10 @@ class CeleryMetrics(_Registered):
             id(self._runtime): "celery_task_runtime_seconds",
             id(self._queue_wait): "celery_task_queue_wait_seconds",
         }
-        self._values: dict[tuple, _Value] = {}
+        self._values: dict[tuple, Cell] = {}
         self._histograms: dict[tuple, _FastHistogram] = {}
 
-    def _value(self, metric: Counter | Gauge, *labels: str) -> _Value:
+    def _value(self, metric: Counter | Gauge, *labels: str) -> Cell:
         key = (id(metric), *labels)
         value = self._values.get(key)
         if value is None:
@@ -190,22 +190,12 @@ class CeleryMetrics(_Registered):
         self._value(self._failures, task_name, queue, exception_type).inc(1)
 
 
-class _Value(Protocol):
-    """A prometheus_client value cell (in memory, or in a multi-process mmap file)."""
-
-    def inc(self, amount: float) -> None: ...
-
-    def set(self, value: float) -> None: ...
-
-    def set_exemplar(self, exemplar: Exemplar) -> None: ...
-
-
-def _value_of(child: Counter | Gauge) -> _Value:
-    """The value cell behind a labelled child: incrementing it skips the per-call observability checks."""
+def _value_of(child: Counter | Gauge) -> Cell:
+    """The value cell behind a labelled child: incrementing it skips the per-call checks (see :mod:`.cells`)."""
     value = getattr(child, "_value", None)
-    if value is None or not hasattr(value, "inc"):  # pragma: no cover - guards a prometheus_client upgrade
+    if value is None:  # pragma: no cover - guards a prometheus_client upgrade
         raise TypeError("this prometheus_client version hides its metric values from spyglass")
-    return value
+    return cell_of(value)
 
 
 class _FastHistogram:
@@ -233,8 +223,8 @@ class _FastHistogram:
         if buckets is None or total is None or tuple(getattr(child, "_upper_bounds", ())) != bounds:
             # pragma: no cover - guards a prometheus_client upgrade
             raise TypeError("this prometheus_client version hides its histogram values from spyglass")
-        self._sum: _Value = total
-        self._buckets: list[_Value] = buckets
+        self._sum = cell_of(total)
+        self._buckets = [cell_of(bucket) for bucket in buckets]
         self._family = family
         self._series = series
         self._labelnames = labelnames
