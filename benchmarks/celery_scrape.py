@@ -151,7 +151,7 @@ def _worker_environment(variant: str, workdir: Path, port: int, loglevel: str) -
         return {
             "OTEL_SERVICE_NAME": "bench-worker",
             "OTEL_TRACES_EXPORTER": "none",
-            "SPYGLASS_LOG_LEVEL": loglevel.lower(),  # spyglass ignores Celery's --loglevel
+            "SPYGLASS_LOG_LEVEL": loglevel.lower(),  # as the worker's --loglevel
             "SPYGLASS_METRICS_PORT": str(port),
             "SPYGLASS_METRICS_DIR": str(metrics_dir),
         }

@@ -132,8 +132,8 @@ def variant_environment(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Return the telemetry variables of the worker and of the publisher of one measurement of ``variant``.
 
-    spyglass sets up logging itself (Celery's ``--loglevel`` does not apply to it): its level is
-    set to the workers' ``loglevel``, so that every variant logs the same lines.
+    spyglass sets up logging itself; its level is also set to the workers' ``loglevel`` explicitly
+    (``SPYGLASS_LOG_LEVEL``), so that every variant logs the same lines.
     """
     if variant in ("spyglass-no-export", "spyglass-metrics-only"):
         worker, publisher = variant_environment("spyglass", workdir, metrics_port, loglevel)
@@ -298,7 +298,7 @@ def render_section(summaries: Sequence[Summary], repetitions: int, tasks: int, l
         key = f"Key figure not available: it needs {BASELINE} and {TARGET_VARIANT}."
     else:
         key = (
-            f"**Key figure: {TARGET_VARIANT} keeps {ratio:.2f} of the baseline's throughput (median tasks/s); "
+            f"**Key figure: {TARGET_VARIANT} keeps {ratio:.3f} of the baseline's throughput (median tasks/s); "
             f"target: at least {TARGET_RATIO:.2f}: {verdict}.**"
         )
     descriptions = {**DESCRIPTIONS, **EXTRA_DESCRIPTIONS}
@@ -335,10 +335,10 @@ def render_section(summaries: Sequence[Summary], repetitions: int, tasks: int, l
             "variant sends `task-sent` events), fills it with a *mark* task, the no-op tasks and another mark; "
             "then `celery -A benchmarks.celery_app worker --pool=prefork "
             f"--concurrency={CONCURRENCY} --without-mingle --without-gossip --loglevel={loglevel}` (plus `-E` "
-            "for `events`) is started on it, its output written to a file (spyglass replaces Celery's logging "
-            f"and ignores `--loglevel`, so it gets `SPYGLASS_LOG_LEVEL={loglevel.lower()}`: every variant logs "
-            "the same lines, at INFO a line per task received in the main process and one per task succeeded "
-            "in the pool process). Each mark records in Redis the time "
+            "for `events`) is started on it, its output written to a file (spyglass, which replaces Celery's "
+            f"log format with its JSON lines, also gets `SPYGLASS_LOG_LEVEL={loglevel.lower()}`: every variant "
+            "logs the same lines, at INFO a line per task received in the main process and one per task "
+            "succeeded in the pool process). Each mark records in Redis the time "
             "it started running, so the time between them covers the tasks and not the worker's start-up; "
             "tasks/s is (no-ops + 1) divided by that time. Nothing is added to the no-op task itself, so all "
             "variants run the same task body. The worker is then stopped with a warm shutdown (its pool "
