@@ -71,8 +71,7 @@ RUN_SPAN_PREFIX = "run/"
 """Run spans are named ``run/{task name}`` (as opentelemetry-instrumentation-celery names them)."""
 _APPLY_ASYNC = "apply_async"
 # Span attribute -> the field of the message headers and of the task request holding it.
-_CANVAS_FIELDS = {"celery.root_id": "root_id", "celery.parent_id": "parent_id", "celery.group_id": "group"}
-_CANVAS_ITEMS = tuple(_CANVAS_FIELDS.items())
+_CANVAS_ITEMS = (("celery.root_id", "root_id"), ("celery.parent_id", "parent_id"), ("celery.group_id", "group"))
 # (request field, span attribute) in the instrumentation's order (CELERY_CONTEXT_ATTRIBUTES): a
 # later field overwrites an earlier one's attribute (origin the hostname, routing_key the
 # destination), as there.
@@ -94,15 +93,10 @@ _NO_TIME_LIMITS = ((None, None), [None, None])
 
 def canvas_attributes(source: Mapping[str, Any] | Any) -> dict[str, str]:
     """``celery.root_id``/``parent_id``/``group_id`` from message headers (a mapping) or a task request."""
-    read = source.get if isinstance(source, Mapping) else lambda field: getattr(source, field, None)
-    return {attribute: value for attribute, field in _CANVAS_FIELDS.items() if isinstance(value := read(field), str)}
-
-
-def _request_canvas_attributes(request: Any) -> dict[str, str]:
-    """:func:`canvas_attributes` of a task request, on the path of every task."""
+    mapping = isinstance(source, Mapping)
     attributes = {}
     for attribute, field in _CANVAS_ITEMS:
-        value = getattr(request, field, None)
+        value = source.get(field) if mapping else getattr(source, field, None)
         if isinstance(value, str):
             attributes[attribute] = value
     return attributes
@@ -207,7 +201,7 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
             f"{RUN_SPAN_PREFIX}{task.name}",
             context=parent,
             kind=trace.SpanKind.CONSUMER,
-            attributes=_request_canvas_attributes(request),
+            attributes=canvas_attributes(request),
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         celery_utils.attach_context(task, task_id, span, None, token)

@@ -79,26 +79,23 @@ class MmapCell:
 
     def inc(self, amount: float) -> None:
         """Add ``amount``."""
-        _lock.acquire()
-        try:
-            if self._generation != _generation:
-                self._bind()
-            value = self._value = self._value + amount
-            position = self._position
-            # A slice assignment, as prometheus_client writes: a reader never sees a half-written value.
-            self._file._m[position : position + 16] = _PACK_VALUE(value, 0.0)
-        finally:
-            _lock.release()
+        self._write(amount, True)
 
     def set(self, value: float) -> None:
         """Set the value to ``value``."""
+        self._write(float(value), False)
+
+    def _write(self, value: float, add: bool) -> None:
         _lock.acquire()
         try:
             if self._generation != _generation:
                 self._bind()
-            self._value = float(value)
+            if add:
+                value += self._value
+            self._value = value
             position = self._position
-            self._file._m[position : position + 16] = _PACK_VALUE(self._value, 0.0)
+            # A slice assignment, as prometheus_client writes: a reader never sees a half-written value.
+            self._file._m[position : position + 16] = _PACK_VALUE(value, 0.0)
         finally:
             _lock.release()
 
