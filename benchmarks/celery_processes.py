@@ -20,13 +20,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import redis
 
 __all__ = [
     "DEFAULT_BROKER_URL",
     "BenchmarkError",
+    "CpuSnapshot",
     "Worker",
     "base_environment",
+    "cpu_snapshot",
     "delete_queue",
     "free_port",
     "publish",
@@ -232,6 +235,41 @@ def start_worker(
             start_new_session=True,  # its own process group: stop_worker reaches the pool too
         )
     return Worker(process, queue, log_path)
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds (user + system, all threads) used so far by a worker's main process and by each pool process."""
+
+    main: float
+    pool: Mapping[int, float]
+
+    def since(self, earlier: CpuSnapshot) -> tuple[float, float]:
+        """CPU seconds of the main process and of the pool processes between ``earlier`` and this snapshot.
+
+        A pool process started in between counts from zero; one that exited in between is missing
+        (the benchmarks do not recycle pool processes).
+        """
+        pool = sum(seconds - earlier.pool.get(pid, 0.0) for pid, seconds in self.pool.items())
+        return self.main - earlier.main, pool
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def cpu_snapshot(worker: Worker) -> CpuSnapshot | None:
+    """The CPU time used so far by ``worker``'s processes, or ``None`` where it cannot be read."""
+    try:
+        main = psutil.Process(worker.process.pid)
+        pool = {}
+        for child in main.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pool[child.pid] = _cpu_seconds(child)
+        return CpuSnapshot(_cpu_seconds(main), pool)
+    except (psutil.Error, OSError):
+        return None
 
 
 def stop_worker(worker: Worker, timeout: float = 30.0) -> None:

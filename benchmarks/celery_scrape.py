@@ -342,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--loglevel", default="INFO", choices=LOG_LEVELS, help="the workers' log level, spyglass's too (default INFO)"
     )
     parser.add_argument("--broker", help="Redis URL (default: the machine's Redis, database 12, or a private one)")
-    parser.add_argument("--output", type=Path, default=report.DEFAULT_OUTPUT, help="the report to update")
-    parser.add_argument("--no-write", action="store_true", help="print the section without writing the report")
+    report.add_section_options(parser)
     args = parser.parse_args(argv)
     if args.tasks < 1 or args.scrapes < 1:
         parser.error("--tasks and --scrapes must be positive")
@@ -366,16 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    print(section)
-    print(f"{target_verdict(results)} (target: {TARGET_VARIANT} under {TARGET_MS:.0f} ms)")
-    if not args.no_write:
-        try:
-            report.write_section(args.output, SECTION, section)
-        except report.ReportError as exc:
-            print(f"cannot write the report: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote section {SECTION!r} of {args.output}", file=sys.stderr)
-    return 0
+    status = report.publish_section(SECTION, section, args.output, not args.no_write)
+    print(f"{target_verdict(results)} (target: {TARGET_VARIANT} under {TARGET_MS:.0f} ms)", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ other clocks:
 - the error is at most the few tasks still running in the other pool process when the last mark
   starts: under 0.2% of 5,000 tasks.
 
+CPU: when each mark appears (polled every 5 ms) the CPU times of the worker's main process and of
+its pool processes are read (psutil); their differences, per task, show where a variant's cost
+lands (the main process is the one that limits throughput).
+
 The median tasks/s of each variant is compared with the baseline's; missing the target
 (spyglass at least 0.90 of the baseline) is reported, it does not fail the run. The section
 ``celery-throughput`` of docs/performance.md is written (see :mod:`benchmarks.report`).
@@ -49,7 +53,10 @@ import redis
 from benchmarks import report
 from benchmarks.celery_processes import (
     BenchmarkError,
+    CpuSnapshot,
+    Worker,
     base_environment,
+    cpu_snapshot,
     delete_queue,
     free_port,
     publish,
@@ -98,6 +105,7 @@ EXTRA_DESCRIPTIONS = {
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DASH = "\u2013"
 TIMES = "\u00d7"
+MICRO = "\u00b5"
 
 
 @dataclass
@@ -108,6 +116,10 @@ class Measurement:
     seconds: float
     spans_exported: int | None
     """Spans in the worker's traces file (``None`` for variants without traces)."""
+    main_cpu_us: float | None = None
+    """CPU microseconds per task of the worker's main process between the marks (``None``: not readable)."""
+    pool_cpu_us: float | None = None
+    """CPU microseconds per task of its pool processes together, between the marks."""
 
 
 @dataclass
@@ -174,6 +186,19 @@ def _read_mark(client: redis.Redis, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
+def _cpu_at_mark(
+    client: redis.Redis, key: str, worker: Worker, variant: str, which: str, timeout: float
+) -> CpuSnapshot | None:
+    """Wait until the mark ``key`` is set, then read the worker's CPU times."""
+    try:
+        reached = wait_until(lambda: client.exists(key) == 1, timeout=timeout, interval=0.005, process=worker.process)
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"{variant}: the worker died ({exc}):\n{worker.log_tail()}") from None
+    if not reached:
+        raise BenchmarkError(f"{variant}: the worker did not reach the {which} mark:\n{worker.log_tail()}")
+    return cpu_snapshot(worker)
+
+
 def measure_once(variant: str, broker: str, tasks: int, loglevel: str) -> Measurement:
     """Fill a fresh queue, run a worker through it, and return the throughput between the marks."""
     queue = f"spyglass-bench-{variant}-{uuid.uuid4().hex[:10]}"
@@ -197,14 +222,9 @@ def measure_once(variant: str, broker: str, tasks: int, loglevel: str) -> Measur
                 loglevel=loglevel,
                 concurrency=CONCURRENCY,
             )
-            try:
-                finished = wait_until(
-                    lambda: client.exists(end_key) == 1, timeout=60 + tasks / 20, process=worker.process
-                )
-            except BenchmarkError as exc:
-                raise BenchmarkError(f"{variant}: the worker died ({exc}):\n{worker.log_tail()}") from None
-            if not finished:
-                raise BenchmarkError(f"{variant}: the worker did not reach the end of the queue:\n{worker.log_tail()}")
+            # CPU is read as each mark appears (polled every 5 ms: a few tasks' worth at most).
+            started_cpu = _cpu_at_mark(client, start_key, worker, variant, "start", 120)
+            finished_cpu = _cpu_at_mark(client, end_key, worker, variant, "end", 60 + tasks / 20)
             start, end = _read_mark(client, start_key), _read_mark(client, end_key)
             if start is None or end is None or end <= start:
                 raise BenchmarkError(f"{variant}: marks missing or out of order ({start}, {end})")
@@ -215,7 +235,11 @@ def measure_once(variant: str, broker: str, tasks: int, loglevel: str) -> Measur
                 stop_worker(worker)
             delete_queue(broker, queue)
     seconds = end - start
-    return Measurement((tasks + 1) / seconds, seconds, spans)
+    main_cpu = pool_cpu = None
+    if started_cpu is not None and finished_cpu is not None:
+        main_seconds, pool_seconds = finished_cpu.since(started_cpu)
+        main_cpu, pool_cpu = main_seconds / (tasks + 1) * 1e6, pool_seconds / (tasks + 1) * 1e6
+    return Measurement((tasks + 1) / seconds, seconds, spans, main_cpu, pool_cpu)
 
 
 def run_benchmark(variants: Sequence[str], repetitions: int, tasks: int, broker: str, loglevel: str) -> list[Summary]:
@@ -230,11 +254,16 @@ def run_benchmark(variants: Sequence[str], repetitions: int, tasks: int, broker:
             done += 1
             print(
                 f"[{done:>2}/{total}] rep {repetition} {name:<12} {measurement.tasks_per_second:8.1f} tasks/s "
-                f"({measurement.seconds:.2f} s of tasks, {time.monotonic() - started:.1f} s in all)",
+                f"({measurement.seconds:.2f} s of tasks, {time.monotonic() - started:.1f} s in all; "
+                f"CPU per task: main {_cpu_text(measurement.main_cpu_us)}, pool {_cpu_text(measurement.pool_cpu_us)})",
                 file=sys.stderr,
                 flush=True,
             )
     return list(summaries.values())
+
+
+def _cpu_text(microseconds: float | None) -> str:
+    return "?" if microseconds is None else f"{microseconds:.0f} {MICRO}s"
 
 
 def _paired_ratios(summary: Summary, base: Summary) -> list[float]:
@@ -254,14 +283,20 @@ def _spans_cell(summary: Summary, tasks: int) -> str:
     return f"{counted} of {run:,}"
 
 
+def _cpu_cell(values: Sequence[float | None]) -> str:
+    known = [value for value in values if value is not None]
+    return f"{statistics.median(known):,.0f}" if known else DASH
+
+
 def render_table(summaries: Sequence[Summary], tasks: int) -> str:
     """The result table in Markdown."""
     by_name = {summary.name: summary for summary in summaries}
     base = by_name.get(BASELINE)
     lines = [
         f"| Variant | Tasks/s: median (min{DASH}max) | {TIMES} baseline (of medians) "
-        f"| {TIMES} baseline per repetition: median (min{DASH}max) | Worker spans exported |",
-        "|---|---:|---:|---:|---:|",
+        f"| {TIMES} baseline per repetition: median (min{DASH}max) "
+        f"| CPU per task, {MICRO}s (median): main process | pool processes | Worker spans exported |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for summary in summaries:
         rates = summary.rates
@@ -276,6 +311,8 @@ def render_table(summaries: Sequence[Summary], tasks: int) -> str:
                 if summary is base
                 else f"{statistics.median(paired):.2f} ({min(paired):.2f}{DASH}{max(paired):.2f})"
             )
+        cells.append(_cpu_cell([m.main_cpu_us for m in summary.measurements]))
+        cells.append(_cpu_cell([m.pool_cpu_us for m in summary.measurements]))
         cells.append(_spans_cell(summary, tasks))
         lines.append(f"| {summary.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -350,6 +387,12 @@ def render_section(summaries: Sequence[Summary], repetitions: int, tasks: int, l
             "pool process exits, so its last batch can be missing). spyglass's worker also serves its metrics "
             "endpoint (not scraped during the run) from a temporary `SPYGLASS_METRICS_DIR`. The events "
             "variant's events go to Redis with no consumer: what the worker pays does not depend on one. "
+            "*CPU per task* is the user and system CPU time (all threads) that the worker's main process, and "
+            "its pool processes together, used between the two marks (read from the kernel when each mark "
+            "appears), divided by the tasks run in between: it shows where a variant's cost lands. The main "
+            "process (receiving, acknowledging and dispatching every message) is the one that limits "
+            f"throughput here; with {CONCURRENCY} CPUs for it, the pool processes and Redis, what the pool "
+            "processes add slows it through contention for the CPUs. "
             "Medians are over the repetitions; the per-repetition ratio divides each repetition's tasks/s "
             "by the baseline's of the same repetition. Rerun with `make bench-celery` (or "
             "`.venv/bin/python -m benchmarks.celery_throughput --help` for repetitions and task counts).",
@@ -374,8 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--loglevel", default="INFO", choices=LOG_LEVELS, help="the workers' log level, spyglass's too (default INFO)"
     )
     parser.add_argument("--broker", help="Redis URL (default: the machine's Redis, database 12, or a private one)")
-    parser.add_argument("--output", type=Path, default=report.DEFAULT_OUTPUT, help="the report to update")
-    parser.add_argument("--no-write", action="store_true", help="print the section without writing the report")
+    report.add_section_options(parser)
     args = parser.parse_args(argv)
     if args.repetitions < 1 or args.tasks < 1:
         parser.error("--repetitions and --tasks must be positive")
@@ -387,18 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    print(section)
+    status = report.publish_section(SECTION, section, args.output, not args.no_write)
     ratio, verdict = target_verdict(summaries)
     if ratio is not None:
-        print(f"{verdict}: {TARGET_VARIANT} ÷ {BASELINE} = {ratio:.2f} (target ≥ {TARGET_RATIO:.2f})")
-    if not args.no_write:
-        try:
-            report.write_section(args.output, SECTION, section)
-        except report.ReportError as exc:
-            print(f"cannot write the report: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote section {SECTION!r} of {args.output}", file=sys.stderr)
-    return 0
+        print(f"{verdict}: {TARGET_VARIANT} ÷ {BASELINE} = {ratio:.3f} (target ≥ {TARGET_RATIO:.2f})", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

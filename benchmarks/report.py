@@ -13,10 +13,12 @@ the file is inserted in the order of :data:`SECTIONS`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable
 from importlib import metadata
@@ -26,9 +28,11 @@ __all__ = [
     "DEFAULT_OUTPUT",
     "SECTIONS",
     "ReportError",
+    "add_section_options",
     "cpu_model",
     "machine_lines",
     "package_version",
+    "publish_section",
     "read_section",
     "replace_section",
     "source_revision",
@@ -187,3 +191,23 @@ def machine_lines(packages: Iterable[str], extra: Iterable[str] = ()) -> list[st
         *extra,
         f"- Source: commit {source_revision()}",
     ]
+
+
+def add_section_options(parser: argparse.ArgumentParser) -> None:
+    """The ``--output`` and ``--no-write`` options of a benchmark that writes one section of the report."""
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the report to update")
+    parser.add_argument("--no-write", action="store_true", help="print the section without writing the report")
+
+
+def publish_section(name: str, body: str, output: Path, write: bool) -> int:
+    """Print section ``name`` and, if ``write``, put it into the report at ``output``; the exit status."""
+    print(body)
+    if not write:
+        return 0
+    try:
+        write_section(output, name, body)
+    except ReportError as exc:
+        print(f"cannot write the report: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote section {name!r} of {output}", file=sys.stderr)
+    return 0

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
-from prometheus_client import values
+from prometheus_client import CollectorRegistry, values
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from spyglass.metrics import multiprocess
 from spyglass.metrics.cells import MmapCell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile, attach_exemplars, exemplar_key, read_exemplars
+from spyglass.metrics.instruments import CeleryMetrics
 
 BOUNDS = (0.1, 1.0, float("inf"))
 LABELS = ("http_request_method", "http_route", "http_response_status_code")
@@ -235,6 +237,61 @@ def test_a_gauge_cell_sets_and_adds(tmp_path: Path, monkeypatch) -> None:
     cell.set(10.0)
     cell.inc(-2.5)
     assert value_class("gauge", "last", "last_seconds", (), (), "Last.", multiprocess_mode="max").get() == 7.5
+
+
+def test_two_cells_of_one_value_lose_no_update(tmp_path: Path, monkeypatch) -> None:
+    """Two threads that each create the cell of a new label set write to one value: both updates count.
+
+    A threads pool or a gthread worker can create two cells of the same value at the same moment;
+    each adds to what the file holds, not to a private copy.
+    """
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    value_class = values.MultiProcessValue()
+    counted = value_class("counter", "tasks", "tasks_total", ("queue",), ("q",), "Tasks.")
+    first, second = cell_of(counted), cell_of(counted)
+    first.inc(1)
+    second.inc(1)
+    first.inc(1)
+    collected = MultiProcessCollector(None, path=str(tmp_path)).collect()
+    assert [sample.value for family in collected for sample in family.samples if sample.name == "tasks_total"] == [3.0]
+
+
+def test_threads_recording_a_new_task_at_once_count_every_run(tmp_path: Path, monkeypatch) -> None:
+    """Many threads finishing the first runs of a task together: the runtime count is the number of runs."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    registry = CollectorRegistry()
+    threads_count, rounds = 8, 50
+    for _round in range(rounds):
+        metrics = CeleryMetrics(registry=None)
+        barrier = threading.Barrier(threads_count)
+
+        def run(metrics: CeleryMetrics = metrics, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            metrics.started("tasks.new", "celery", 0.001)
+            metrics.finished("tasks.new", "celery", "success", 0.002)
+
+        workers = [threading.Thread(target=run) for _ in range(threads_count)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    total = threads_count * rounds
+    assert (
+        registry.get_sample_value("celery_task_runtime_seconds_count", {"task_name": "tasks.new", "queue": "celery"})
+        == total
+    )
+    assert (
+        registry.get_sample_value("celery_task_queue_wait_seconds_count", {"task_name": "tasks.new", "queue": "celery"})
+        == total
+    )
+    assert (
+        registry.get_sample_value(
+            "celery_task_completed_total", {"task_name": "tasks.new", "queue": "celery", "outcome": "success"}
+        )
+        == total
+    )
 
 
 def test_single_process_values_are_used_as_they_are() -> None:

@@ -8,9 +8,12 @@ writes the same 16 bytes (value and timestamp) there itself, and learns of a for
 ``os.register_at_fork`` hook rather than from a system call per write. The file, its format and
 what the serving process reads are unchanged.
 
-A cell must be the only writer of its value: spyglass's metric helpers reach each labelled child
-they record through :func:`cell_of` only. In single-process mode the library's value object is
-already a float behind a lock, and is used as it is.
+A cell adds to the value it reads from the file, under one lock shared by all cells, so two
+cells of the same value (two threads of a threads pool or a gthread worker creating the cell of a
+new label set at the same moment) lose no update. spyglass's metric helpers reach each labelled
+child they record through :func:`cell_of` only; the library's own ``inc`` would not take that lock.
+In single-process mode the library's value object is already a float behind a lock, and is used
+as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from spyglass.process_hooks import call_after_fork_in_child
 
 __all__ = ["Cell", "MmapCell", "cell_of", "fork_generation"]
 
-_PACK_VALUE = struct.Struct("dd").pack  # value and timestamp, as prometheus_client's files hold them
+_VALUE = struct.Struct("dd")  # value and timestamp, as prometheus_client's files hold them
+_PACK_VALUE = _VALUE.pack
+_UNPACK_VALUE = _VALUE.unpack_from
 _lock = threading.Lock()
 _generation = 0
 
@@ -61,7 +66,7 @@ class MmapCell:
     own file), so a child never writes into its parent's file.
     """
 
-    __slots__ = ("_file", "_generation", "_position", "_source", "_value")
+    __slots__ = ("_file", "_generation", "_position", "_source")
 
     def __init__(self, source: Any) -> None:
         self._source = source
@@ -70,12 +75,11 @@ class MmapCell:
     def _bind(self) -> None:
         self._generation = fork_generation()
         source = self._source
-        value = source.get()  # after a fork, prometheus_client reopens its files for this process here
+        source.get()  # after a fork, prometheus_client reopens its files for this process here
         mapped_file = source._file
         mapped_file.read_value(source._key)  # allocates the value's entry if it is new
         self._file = mapped_file
         self._position = mapped_file._positions[source._key]
-        self._value = float(value)
 
     def inc(self, amount: float) -> None:
         """Add ``amount``."""
@@ -90,12 +94,12 @@ class MmapCell:
         try:
             if self._generation != _generation:
                 self._bind()
-            if add:
-                value += self._value
-            self._value = value
             position = self._position
+            mapped = self._file._m
+            if add:
+                value += _UNPACK_VALUE(mapped, position)[0]
             # A slice assignment, as prometheus_client writes: a reader never sees a half-written value.
-            self._file._m[position : position + 16] = _PACK_VALUE(value, 0.0)
+            mapped[position : position + 16] = _PACK_VALUE(value, 0.0)
         finally:
             _lock.release()
 
