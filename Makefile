@@ -14,9 +14,9 @@ SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-a
 
 all: test
 
-$(STAMP): constraints.txt requirements-dev.txt instrumentation/pyproject.toml
+$(STAMP): constraints.txt requirements-dev.txt demo_app/requirements.txt instrumentation/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-dev.txt -e './instrumentation[flask,gunicorn,celery]'
+	$(PY) -m pip install -q -r requirements-dev.txt -r demo_app/requirements.txt -e './instrumentation[flask,gunicorn,celery,sqlalchemy]'
 	touch $(STAMP)
 
 venv: $(STAMP)

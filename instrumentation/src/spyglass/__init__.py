@@ -7,6 +7,7 @@
     spyglass.init()                  # reads OTEL_* and SPYGLASS_* variables; idempotent
     spyglass.instrument_flask(app)   # one Flask app only
     spyglass.instrument_celery(app)  # one Celery app only
+    spyglass.instrument_sqlalchemy(engine)  # one SQLAlchemy engine only
 
 See ``docs/configuration.md`` for every setting.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "init",
     "instrument_celery",
     "instrument_flask",
+    "instrument_sqlalchemy",
     "load_settings",
     "shutdown",
 ]
@@ -33,6 +35,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     import celery
     import flask
+    import sqlalchemy
 
     from spyglass.config import ConfigError, Settings, load_settings
     from spyglass.runtime import Telemetry
@@ -73,6 +76,16 @@ def instrument_celery(app: celery.Celery) -> celery.Celery:
     from spyglass.integrations.celery import instrument_celery as _instrument_celery
 
     return _instrument_celery(app)
+
+
+def instrument_sqlalchemy(engine: sqlalchemy.Engine) -> sqlalchemy.Engine:
+    """Trace and measure one SQLAlchemy engine's statements, with N+1 detection; returns the engine.
+
+    Calls :func:`init` first if needed. ``import spyglass.auto`` does this for every engine.
+    """
+    from spyglass.integrations.sqlalchemy import instrument_sqlalchemy as _instrument_sqlalchemy
+
+    return _instrument_sqlalchemy(engine)
 
 
 def shutdown(timeout_millis: int = 10000) -> None:

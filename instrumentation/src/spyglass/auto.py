@@ -3,8 +3,9 @@
     import spyglass.auto  # noqa: F401
 
 It reads the configuration from the environment (failing loudly on an invalid value), sets up
-traces, metrics and logs, and instruments every Flask and Celery app of the process, whether it
-was created before or after this import. This is the one spyglass module with side effects at import.
+traces, metrics and logs, and instruments every Flask and Celery app and every SQLAlchemy engine
+of the process, whether it was created before or after this import. This is the one spyglass
+module with side effects at import.
 """
 
 from __future__ import annotations
@@ -32,3 +33,12 @@ else:
     from spyglass.integrations import celery as _celery_integration
 
     _celery_integration.install_auto_instrumentation()
+
+try:
+    import sqlalchemy  # noqa: F401
+except ImportError:  # pragma: no cover - a service without SQLAlchemy
+    pass
+else:
+    from spyglass.integrations import sqlalchemy as _sqlalchemy_integration
+
+    _sqlalchemy_integration.install_auto_instrumentation()

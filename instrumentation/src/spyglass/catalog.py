@@ -13,6 +13,8 @@ from dataclasses import dataclass
 __all__ = [
     "CATALOG",
     "CELERY_DURATION_BUCKETS",
+    "DB_DURATION_BUCKETS",
+    "DB_QUERY_COUNT_BUCKETS",
     "HTTP_DURATION_BUCKETS",
     "MetricSpec",
     "by_name",
@@ -30,6 +32,12 @@ CELERY_DURATION_BUCKETS: tuple[float, ...] = (
 HTTP_DURATION_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
+
+# The advisory bucket boundaries of db.client.operation.duration (OpenTelemetry semantic conventions).
+DB_DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+# Queries per request or task: a handful is normal, hundreds is an N+1 pattern or a batch job.
+DB_QUERY_COUNT_BUCKETS: tuple[float, ...] = (1, 2, 3, 5, 10, 20, 50, 100, 250, 1000)
 
 
 @dataclass(frozen=True)
@@ -303,6 +311,56 @@ CATALOG: tuple[MetricSpec, ...] = (
             "instrumented publishers only; absent when the queue is empty)."
         ),
         source="celery",
+    ),
+    MetricSpec(
+        name="db_client_operation_duration_seconds",
+        type="histogram",
+        unit="seconds",
+        labels=("db_system_name", "db_operation_name", "db_collection_name", "error_type"),
+        description=(
+            "Duration of SQL statements run through an instrumented SQLAlchemy engine, by database system, "
+            "operation (SELECT, INSERT...) and first table named; error_type is set when the statement failed."
+        ),
+        otel_name="db.client.operation.duration",
+        source="sqlalchemy",
+        buckets=DB_DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        name="spyglass_db_queries_per_request",
+        type="histogram",
+        unit="1",
+        labels=("http_request_method", "http_route"),
+        description="SQL statements one HTTP request ran (requests that ran at least one).",
+        source="sqlalchemy",
+        buckets=DB_QUERY_COUNT_BUCKETS,
+    ),
+    MetricSpec(
+        name="spyglass_db_queries_per_task",
+        type="histogram",
+        unit="1",
+        labels=("task_name",),
+        description="SQL statements one Celery task run ran (runs that ran at least one).",
+        source="sqlalchemy",
+        buckets=DB_QUERY_COUNT_BUCKETS,
+    ),
+    MetricSpec(
+        name="spyglass_db_n_plus_one_requests_total",
+        type="counter",
+        unit="1",
+        labels=("http_request_method", "http_route"),
+        description=(
+            "HTTP requests that ran one SQL statement at least SPYGLASS_DB_N_PLUS_ONE_THRESHOLD times "
+            "(N+1 queries: rows loaded one by one)."
+        ),
+        source="sqlalchemy",
+    ),
+    MetricSpec(
+        name="spyglass_db_n_plus_one_tasks_total",
+        type="counter",
+        unit="1",
+        labels=("task_name",),
+        description="Celery task runs that ran one SQL statement at least SPYGLASS_DB_N_PLUS_ONE_THRESHOLD times.",
+        source="sqlalchemy",
     ),
 )
 

@@ -98,6 +98,8 @@ class Settings:
     excluded_urls: tuple[str, ...] = DEFAULT_EXCLUDED_URLS
     known_methods: frozenset[str] = frozenset(DEFAULT_KNOWN_METHODS)
     traceresponse: bool = True
+    db_n_plus_one_threshold: int = 5
+    """Runs of one SQL statement within one request or task that count as N+1 queries (0: off)."""
 
     @property
     def service_version(self) -> str:
@@ -355,4 +357,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         excluded_urls=_excluded_urls(env),
         known_methods=_known_methods(env),
         traceresponse=_bool(env, "SPYGLASS_TRACERESPONSE", True),
+        db_n_plus_one_threshold=_n_plus_one_threshold(env),
     )
+
+
+def _n_plus_one_threshold(env: Mapping[str, str]) -> int:
+    threshold = _int(env, "SPYGLASS_DB_N_PLUS_ONE_THRESHOLD", 5, 0)
+    if threshold == 1:
+        raise ConfigError(
+            "SPYGLASS_DB_N_PLUS_ONE_THRESHOLD", "1", "use 0 (off) or at least 2: every statement runs once"
+        )
+    return threshold

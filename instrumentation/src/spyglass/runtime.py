@@ -37,7 +37,7 @@ from spyglass.logs import configure_logging, flush_logs, reset_logging
 from spyglass.metrics import multiprocess
 from spyglass.metrics.collectors import MultiProcessExemplarCollector, ProcessTreeCollector, ResourceInfoCollector
 from spyglass.metrics.exemplars import ExemplarFile
-from spyglass.metrics.instruments import CeleryMetrics, HttpServerMetrics, SpanPipelineMetrics
+from spyglass.metrics.instruments import CeleryMetrics, DatabaseMetrics, HttpServerMetrics, SpanPipelineMetrics
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
 from spyglass.sampling import build_sampling_rule
@@ -71,6 +71,7 @@ class Telemetry:
     exemplar_file: ExemplarFile | None = None
     _extra_collectors: list = field(default_factory=list)
     _celery_metrics: CeleryMetrics | None = None
+    _db_metrics: DatabaseMetrics | None = None
     _serving_registry: CollectorRegistry | None = None
     _served_collectors: list = field(default_factory=list)
     _compactor: multiprocess.ExitedProcessCompactor | None = None
@@ -97,6 +98,15 @@ class Telemetry:
             if self._celery_metrics is None:
                 self._celery_metrics = CeleryMetrics(REGISTRY, self.exemplar_file)
             return self._celery_metrics
+
+    def db_metrics(self) -> DatabaseMetrics | None:
+        """The SQL instruments, created on first use (``None`` when spyglass is disabled)."""
+        if self._db_metrics is not None or self.disabled:
+            return self._db_metrics
+        with _lock:
+            if self._db_metrics is None:
+                self._db_metrics = DatabaseMetrics(REGISTRY, self.exemplar_file)
+            return self._db_metrics
 
     def serve_collector(self, collector: Any) -> bool:
         """Add a collector to what this process's metrics endpoint serves; False if it serves none."""
@@ -169,7 +179,7 @@ def mark_worker() -> None:
         if _state._master_provider is not None:
             # Its queue was emptied at the fork; stop the export thread the fork restarted.
             _state._master_provider.shutdown()
-        for metrics in (_state._celery_metrics, _state.span_metrics):
+        for metrics in (_state._celery_metrics, _state._db_metrics, _state.span_metrics):
             if metrics is not None:  # the worker registers its own instruments
                 metrics.unregister()
         _state = None
@@ -369,7 +379,7 @@ def shutdown(timeout_millis: int = 10000) -> None:
             state.metrics_server.stop()
         if state._compactor is not None:
             state._compactor.stop()
-        for metrics in (state.http_metrics, state.span_metrics, state._celery_metrics):
+        for metrics in (state.http_metrics, state.span_metrics, state._celery_metrics, state._db_metrics):
             if metrics is not None:
                 metrics.unregister()
         for collector in state._extra_collectors:

@@ -32,7 +32,7 @@ import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from opentelemetry import trace
 
-from spyglass import runtime
+from spyglass import query_tally, runtime
 from spyglass.integrations import celery_endings
 from spyglass.integrations.celery_labels import queue_of, task_label, type_name
 
@@ -85,7 +85,7 @@ def set_run_tracer(tracer: RunTracer | None) -> None:
 class _Run:
     """One run of a task in this process, from ``task_prerun`` to ``task_postrun``."""
 
-    __slots__ = ("exception", "name", "queue", "request", "span", "span_id", "started", "token", "trace_id")
+    __slots__ = ("exception", "name", "queue", "request", "span", "span_id", "started", "tally", "token", "trace_id")
 
     def __init__(self, name: str, queue: str, request: Any) -> None:
         self.name = name
@@ -96,6 +96,7 @@ class _Run:
         self.span: trace.Span | None = None
         self.token: object = None
         self.trace_id = self.span_id = ""
+        self.tally: query_tally.QueryTally | None = None
 
 
 # Runs in progress in this process, by task id and thread: with the threads pool a task that
@@ -125,6 +126,7 @@ def task_started(sender: Any = None, task_id: str | None = None, task: Any = Non
         metrics.started(run.name, run.queue, wait, run.trace_id, run.span_id)
     # Every line logged while the task runs (Celery's "succeeded" line included) names it.
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
+    run.tally = query_tally.open_tally()
 
 
 def task_finished(
@@ -148,6 +150,8 @@ def task_finished(
     else:
         # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
         outcome = span_outcome = _OUTCOMES.get(state, "success" if state == "IGNORED" else "failure")
+    if run.tally is not None:
+        query_tally.close(run.tally, run.span, run.trace_id, run.span_id, task_name=run.name)
     if run.span is not None:
         tracer = _run_tracer
         if tracer is not None:

@@ -23,7 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from werkzeug.wsgi import ClosingIterator
 
-from spyglass import runtime
+from spyglass import query_tally, runtime
 from spyglass.light_span import LightSpan
 from spyglass.logs import AccessLog
 
@@ -68,6 +68,7 @@ class _RequestState:
         "start",
         "status",
         "streamed",
+        "tally",
         "trace_hex",
     )
 
@@ -87,6 +88,7 @@ class _RequestState:
         self.done = False
         self.streamed = True
         self.active: Any = None
+        self.tally: query_tally.QueryTally | None = None
 
 
 def _capture_response(response: flask.Response) -> flask.Response:
@@ -223,6 +225,7 @@ class FlaskInstrumentation:
         token = None
         if self._spans is not None:
             token = self._start_span(environ, state)
+        tally = state.tally = query_tally.open_tally()
 
         def _start_response(status: str, headers: list, exc_info: Any = None) -> Any:
             state.status = status
@@ -238,6 +241,8 @@ class FlaskInstrumentation:
             self._finish(state)
             raise
         finally:
+            if tally is not None:
+                query_tally.detach(tally)
             if token is not None:
                 otel_context.detach(token)
         if not state.streamed:
@@ -295,6 +300,9 @@ class FlaskInstrumentation:
         route = state.route or UNMATCHED_ROUTE
         method = state.method
         span = state.span
+        if state.tally is not None:
+            ids = (state.trace_hex, state.span_hex) if state.sampled else ("", "")
+            query_tally.close(state.tally, span, *ids, method=method, route=route)
         if type(span) is LightSpan:  # recording (a dropped trace has a NonRecordingSpan)
             self._finish_span(span, state, status_code)
         if state.sampled:

@@ -19,7 +19,7 @@ from spyglass.catalog import MetricSpec, by_name
 from spyglass.metrics.cells import Cell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile
 
-__all__ = ["CeleryMetrics", "HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
+__all__ = ["CeleryMetrics", "DatabaseMetrics", "HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
 
 
 def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counter | Gauge | Histogram:
@@ -188,6 +188,72 @@ class CeleryMetrics(_Registered):
     def failed(self, task_name: str, queue: str, exception_type: str) -> None:
         """A task execution raised ``exception_type``."""
         self._value(self._failures, task_name, queue, exception_type).inc(1)
+
+
+class DatabaseMetrics(_Registered):
+    """SQL statement durations (``db.client.operation.duration``), queries per request or task, N+1 counts."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, exemplars: ExemplarFile | None = None) -> None:
+        super().__init__(registry)
+        self._exemplars = exemplars
+        self._duration = self._build("db_client_operation_duration_seconds")
+        self._per_request = self._build("spyglass_db_queries_per_request")
+        self._per_task = self._build("spyglass_db_queries_per_task")
+        self._specs = {
+            id(self._duration): by_name("db_client_operation_duration_seconds"),
+            id(self._per_request): by_name("spyglass_db_queries_per_request"),
+            id(self._per_task): by_name("spyglass_db_queries_per_task"),
+        }
+        self._n_plus_one_requests = self._build("spyglass_db_n_plus_one_requests_total")
+        self._n_plus_one_tasks = self._build("spyglass_db_n_plus_one_tasks_total")
+        self._histograms: dict[tuple, _FastHistogram] = {}
+        self._values: dict[tuple, Cell] = {}
+
+    def _histogram(self, metric: Histogram, *series: str) -> _FastHistogram:
+        key = (id(metric), *series)
+        histogram = self._histograms.get(key)
+        if histogram is None:
+            spec = self._specs[id(metric)]
+            histogram = self._histograms[key] = _FastHistogram(
+                metric.labels(*series), spec.name, series, spec.labels, (*spec.buckets, float("inf")), self._exemplars
+            )
+        return histogram
+
+    def _counter(self, metric: Counter, *labels: str) -> Cell:
+        key = (id(metric), *labels)
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = _value_of(metric.labels(*labels))
+        return value
+
+    def operation(
+        self,
+        system: str,
+        operation: str,
+        collection: str,
+        error_type: str,
+        seconds: float,
+        trace_id: str = "",
+        span_id: str = "",
+    ) -> None:
+        """Record one statement's duration; ids (hex) of its sampled span become the exemplar."""
+        self._histogram(self._duration, system, operation, collection, error_type).observe(seconds, trace_id, span_id)
+
+    def request_queries(self, method: str, route: str, count: int) -> None:
+        """Record how many statements one HTTP request ran."""
+        self._histogram(self._per_request, method, route).observe(count)
+
+    def task_queries(self, task_name: str, count: int) -> None:
+        """Record how many statements one task run ran."""
+        self._histogram(self._per_task, task_name).observe(count)
+
+    def n_plus_one_request(self, method: str, route: str) -> None:
+        """Count an HTTP request that repeated a statement past the threshold."""
+        self._counter(self._n_plus_one_requests, method, route).inc(1)
+
+    def n_plus_one_task(self, task_name: str) -> None:
+        """Count a task run that repeated a statement past the threshold."""
+        self._counter(self._n_plus_one_tasks, task_name).inc(1)
 
 
 def _value_of(child: Counter | Gauge) -> Cell:
