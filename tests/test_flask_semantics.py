@@ -318,3 +318,19 @@ def test_kill_switch_leaves_the_app_untouched(tmp_path: Path) -> None:
         assert "traceresponse" not in app.test_client().get("/orders/1").headers
     finally:
         runtime.shutdown()
+
+
+def test_python_warnings_are_written_as_json_log_lines(instrumented, capfd) -> None:
+    """A `warnings.warn` from a library comes out as a JSON line (logger py.warnings), not raw stderr text."""
+    import warnings
+
+    instrumented()
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("serializer fell back to str", UserWarning, stacklevel=1)
+    flush_logs()
+    captured = capfd.readouterr()
+    assert "serializer fell back to str" not in captured.err
+    (line,) = [json.loads(text) for text in captured.out.splitlines() if "serializer fell back" in text]
+    assert line["logger"] == "py.warnings" and line["level"] == "warning"

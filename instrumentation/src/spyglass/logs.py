@@ -236,6 +236,8 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(level)
     # The SDK's own export warnings repeat once per failed batch: let each through at most once a minute.
     handler.addFilter(_RateLimit(60.0, prefix="opentelemetry"))
+    # Python warnings (DeprecationWarning, UserWarning...) become log lines too, not raw stderr text.
+    logging.captureWarnings(True)
     werkzeug = logging.getLogger("werkzeug")
     if _drop_werkzeug_access_lines not in werkzeug.filters:
         werkzeug.addFilter(_drop_werkzeug_access_lines)
@@ -279,6 +281,7 @@ def reset_logging() -> None:
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
+    logging.captureWarnings(False)
     structlog.reset_defaults()
 
 

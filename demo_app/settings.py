@@ -1,0 +1,92 @@
+"""The shop's settings, read once from the environment (defaults run everything on this machine).
+
+| Variable | Default | Meaning |
+| --- | --- | --- |
+| ``DATABASE_URL`` | SQLite file ``var/demo/shop.db`` | Any SQLAlchemy URL (``postgresql+psycopg://...``) |
+| ``DEMO_REDIS_URL`` | ``redis://127.0.0.1:6379/0`` | Product cache and the fault switches |
+| ``CELERY_BROKER_URL`` | ``DEMO_REDIS_URL`` | Where orders, reports and maintenance tasks are queued |
+| ``CELERY_RESULT_BACKEND`` | ``DEMO_REDIS_URL`` | Where the report chord keeps its results |
+| ``DEMO_ADMIN_TOKEN`` | none (admin endpoint off) | Bearer token of ``/admin/faults`` |
+| ``DEMO_CACHE_TTL`` | ``30`` | Seconds a product stays in the cache |
+| ``DEMO_PAYMENT_LATENCY_MS`` | ``120`` | Typical latency of the payment provider |
+| ``DEMO_PAYMENT_MAX_RETRIES`` | ``4`` | Retries of a failed charge before the order fails |
+| ``DEMO_RETRY_BACKOFF`` | ``1.0`` | Seconds before the first retry; doubles each time (with jitter) |
+| ``DEMO_PUBLISH_TIMEOUT`` | ``2.0`` | Seconds an order may wait for the broker before the API answers 503 |
+
+The fault switches (``DEMO_FAULT_*``) are described in :mod:`demo_app.faults`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["SettingsError", "ShopSettings", "current", "load"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """An environment variable of the shop holds a value it cannot use."""
+
+
+@dataclass(frozen=True)
+class ShopSettings:
+    """The shop's configuration."""
+
+    database_url: str
+    redis_url: str
+    broker_url: str
+    result_backend: str
+    admin_token: str | None
+    cache_ttl_s: float
+    payment_latency_ms: float
+    payment_max_retries: int
+    retry_backoff_s: float
+    publish_timeout_s: float
+
+
+def _number(env: dict[str, str] | os._Environ, name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def default_database_url(env: dict[str, str] | os._Environ) -> str:
+    """SQLite in ``var/demo/`` (``DEMO_VAR_DIR`` moves ``var/``)."""
+    var = Path(env.get("DEMO_VAR_DIR") or REPO / "var") / "demo"
+    var.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{var / 'shop.db'}"
+
+
+def load(env: dict[str, str] | None = None) -> ShopSettings:
+    """Read the settings from ``env`` (``os.environ`` by default); raises :class:`SettingsError`."""
+    env = os.environ if env is None else env
+    redis_url = env.get("DEMO_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    return ShopSettings(
+        database_url=env.get("DATABASE_URL") or default_database_url(env),
+        redis_url=redis_url,
+        broker_url=env.get("CELERY_BROKER_URL") or redis_url,
+        result_backend=env.get("CELERY_RESULT_BACKEND") or redis_url,
+        admin_token=env.get("DEMO_ADMIN_TOKEN") or None,
+        cache_ttl_s=_number(env, "DEMO_CACHE_TTL", 30.0),
+        payment_latency_ms=_number(env, "DEMO_PAYMENT_LATENCY_MS", 120.0),
+        payment_max_retries=int(_number(env, "DEMO_PAYMENT_MAX_RETRIES", 4)),
+        retry_backoff_s=_number(env, "DEMO_RETRY_BACKOFF", 1.0),
+        publish_timeout_s=_number(env, "DEMO_PUBLISH_TIMEOUT", 2.0, minimum=0.1),
+    )
+
+
+@lru_cache(maxsize=1)
+def current() -> ShopSettings:
+    """The settings of this process (read from ``os.environ`` once)."""
+    return load()

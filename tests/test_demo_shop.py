@@ -1,0 +1,451 @@
+"""The demo shop end to end, exercised the way a user and an on-call engineer would.
+
+`python -m demo_app.native` runs gunicorn, a prefork worker, beat, Prometheus, Alertmanager and load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REPO, clean_environment, free_port, read_spans, wait_for
+
+ADMIN_TOKEN = "test-admin-token"
+MAX_RETRIES = 2
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Demo:
+    process: subprocess.Popen
+    var: Path
+    ports: dict[str, int]
+
+    @property
+    def app(self) -> str:
+        return f"http://127.0.0.1:{self.ports['DEMO_APP_PORT']}"
+
+    @property
+    def prometheus(self) -> str:
+        return f"http://127.0.0.1:{self.ports['DEMO_PROMETHEUS_PORT']}"
+
+    def metrics(self, which: str) -> str:
+        port = self.ports["SPYGLASS_METRICS_PORT" if which == "web" else "DEMO_WORKER_METRICS_PORT"]
+        return f"http://127.0.0.1:{port}/metrics"
+
+    def value(self, which: str, name: str, **labels: str) -> float:
+        """Sum of the samples called ``name`` whose labels include ``labels``, on the web or worker endpoint."""
+        text = requests.get(self.metrics(which), timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
+        )
+
+    def faults(self, method: str = "GET", **switches: Any) -> requests.Response:
+        return requests.request(
+            method,
+            f"{self.app}/admin/faults",
+            json=switches if method == "PUT" else None,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=10,
+        )
+
+    def place_order(self, **headers: str) -> requests.Response:
+        order = {"customer_id": 3, "items": [{"product_id": 7, "quantity": 1}, {"product_id": 8, "quantity": 2}]}
+        return requests.post(f"{self.app}/orders", json=order, headers=headers, timeout=10)
+
+    def order(self, order_id: int) -> dict:
+        return requests.get(f"{self.app}/orders/{order_id}", timeout=10).json()
+
+    def spans(self) -> list[dict]:
+        return read_spans(self.var / "otlp" / "traces.jsonl")
+
+    def query(self, expression: str) -> list[dict]:
+        response = requests.get(f"{self.prometheus}/api/v1/query", params={"query": expression}, timeout=5)
+        response.raise_for_status()
+        return response.json()["data"]["result"]
+
+
+def _safe(call):
+    try:
+        return call()
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Demo]:
+    """The native demo, with a fast payment provider and short retry backoff, under light load."""
+    var = tmp_path_factory.mktemp("demo")
+    ports = {
+        name: free_port()
+        for name in (
+            "DEMO_APP_PORT",
+            "SPYGLASS_METRICS_PORT",
+            "DEMO_WORKER_METRICS_PORT",
+            "DEMO_BEAT_METRICS_PORT",
+            "DEMO_PROMETHEUS_PORT",
+            "DEMO_ALERTMANAGER_PORT",
+        )
+    }
+    shop_redis = redis_url.rsplit("/", 1)[0] + "/13"
+    import redis
+
+    redis.Redis.from_url(shop_redis).flushdb()
+    env = clean_environment(
+        DEMO_VAR_DIR=str(var),
+        DEMO_SECONDS="900",
+        DEMO_RATE="8",
+        DEMO_REDIS_URL=shop_redis,
+        DEMO_ADMIN_TOKEN=ADMIN_TOKEN,
+        DEMO_PAYMENT_LATENCY_MS="10",
+        DEMO_PAYMENT_FAILURE_RATE="0",
+        DEMO_RETRY_BACKOFF="0.2",
+        DEMO_PAYMENT_MAX_RETRIES=str(MAX_RETRIES),
+        OTEL_BSP_SCHEDULE_DELAY="300",
+        **{name: str(port) for name, port in ports.items()},
+    )
+    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "demo_app.native"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    running = Demo(process, var, ports)
+    try:
+        ready = wait_for(
+            lambda: process.poll() is not None or _safe(lambda: requests.get(running.metrics("worker"), timeout=2).ok),
+            timeout=90,
+            interval=0.5,
+        )
+        assert ready and process.poll() is None, process.stdout.read().decode() if process.poll() is not None else ""
+        yield running
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+        running.output = output.decode(errors="replace")  # type: ignore[attr-defined]
+
+
+def test_an_order_flows_through_the_chain_and_one_trace_connects_web_and_worker(demo: Demo) -> None:
+    """POST /orders → reserve → charge → confirm; the request's trace holds the web, worker and SQL spans."""
+    trace_id = uuid.uuid4().hex
+    response = demo.place_order(traceparent=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
+    assert response.status_code == 202, response.text
+    order_id = response.json()["order_id"]
+    assert response.headers["Location"] == f"/orders/{order_id}"
+    confirmed = wait_for(lambda: demo.order(order_id)["status"] == "confirmed", timeout=30, interval=0.3)
+    assert confirmed, demo.order(order_id)
+
+    def trace_complete() -> list[dict] | None:
+        spans = [span for span in demo.spans() if span["traceId"] == trace_id]
+        names = {span["name"] for span in spans}
+        wanted = {"POST /orders", "run/shop.reserve_stock", "run/shop.charge_payment", "run/shop.send_confirmation"}
+        return spans if wanted <= names else None
+
+    spans = wait_for(trace_complete, timeout=20, interval=0.5)
+    assert spans, sorted({span["name"] for span in demo.spans() if span["traceId"] == trace_id})
+    by_id = {span["spanId"]: span for span in spans}
+    services = {span["resource"]["service.name"]["stringValue"] for span in spans}
+    assert services == {"shop-web", "shop-worker"}
+    charge = next(span for span in spans if span["name"] == "run/shop.charge_payment")
+    payment = next(span for span in spans if span["name"] == "POST /v1/charges")
+    assert payment["parentSpanId"] == charge["spanId"]
+    sql_in_worker = [
+        span
+        for span in spans
+        if span["attributes"].get("db.system.name") == "sqlite"
+        and span["resource"]["service.name"]["stringValue"] == "shop-worker"
+    ]
+    assert {span["name"] for span in sql_in_worker} >= {"UPDATE products", "SELECT orders"}
+    # Every span but the request's own descends from the request: one connected trace.
+    (root,) = [span for span in spans if span.get("parentSpanId") not in by_id]
+    assert root["name"] == "POST /orders"
+
+
+def test_a_declined_payment_retries_with_backoff_then_fails_the_order_and_is_counted(demo: Demo) -> None:
+    """With the provider down the charge retries MAX_RETRIES times, then the order fails and stock returns."""
+    retries_before = demo.value(
+        "worker", "celery_task_completed_total", task_name="shop.charge_payment", outcome="retry"
+    )
+    failures_before = demo.value(
+        "worker",
+        "celery_task_failures_total",
+        task_name="shop.charge_payment",
+        exception_type="demo_app.payment.ProviderUnavailable",
+    )
+    assert demo.faults("PUT", payment_outage=True).json()["payment_outage"] is True
+    try:
+        time.sleep(1.2)  # every process rereads the switches within a second
+        order_id = demo.place_order().json()["order_id"]
+        failed = wait_for(lambda: demo.order(order_id)["status"] == "failed", timeout=40, interval=0.3)
+        order = demo.order(order_id)
+        assert failed, order
+    finally:
+        demo.faults("DELETE")
+    assert order["payment_attempts"] == MAX_RETRIES + 1
+    assert order["failure_reason"].startswith(f"payment failed after {MAX_RETRIES + 1} attempts")
+    retries = demo.value("worker", "celery_task_completed_total", task_name="shop.charge_payment", outcome="retry")
+    failures = demo.value(
+        "worker",
+        "celery_task_failures_total",
+        task_name="shop.charge_payment",
+        exception_type="demo_app.payment.ProviderUnavailable",
+    )
+    assert retries - retries_before >= MAX_RETRIES
+    assert failures - failures_before >= 1
+
+
+def test_the_n_plus_one_listing_is_detected_and_its_eager_twin_is_not(demo: Demo) -> None:
+    """Lazy loading trips the N+1 detector (counter and warning log line); the eager listing never does."""
+    for _ in range(2):
+        assert requests.get(f"{demo.app}/orders/recent/n-plus-one?limit=20", timeout=10).status_code == 200
+        assert requests.get(f"{demo.app}/orders/recent?limit=20", timeout=10).status_code == 200
+    lazy = {"http_request_method": "GET", "http_route": "/orders/recent/n-plus-one"}
+    eager = {"http_request_method": "GET", "http_route": "/orders/recent"}
+    assert demo.value("web", "spyglass_db_n_plus_one_requests_total", **lazy) >= 2
+    assert demo.value("web", "spyglass_db_n_plus_one_requests_total", **eager) == 0
+    assert demo.value("web", "spyglass_db_queries_per_request_count", **eager) >= 2
+    eager_queries = demo.value("web", "spyglass_db_queries_per_request_sum", **eager) / demo.value(
+        "web", "spyglass_db_queries_per_request_count", **eager
+    )
+    assert eager_queries <= 4
+
+    def warning() -> dict | None:
+        for line in (demo.var / "demo" / "web.log").read_text().splitlines():
+            if '"spyglass.db"' in line:
+                record = json.loads(line)
+                if record.get("http_route") == "/orders/recent/n-plus-one":
+                    return record
+        return None
+
+    record = wait_for(warning, timeout=10)
+    assert record and record["level"] == "warning" and record["count"] >= 5 and "FROM" in record["statement"]
+
+
+JSON = "application/json"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "error"),
+    [
+        ("{not json", JSON, 400, "malformed JSON body"),
+        ('{"customer_id": 1, "items": [{"product_id": 1, "quantity": -2}]}', JSON, 422, "invalid order"),
+        ('{"customer_id": 1, "items": [{"product_id": 9999, "quantity": 1}]}', JSON, 422, "unknown product"),
+        ('{"customer_id": 999, "items": [{"product_id": 1, "quantity": 1}]}', JSON, 422, "unknown customer"),
+        ('{"customer_id": 1, "items": []}', JSON, 422, "invalid order"),
+        ("customer_id=1", "application/x-www-form-urlencoded", 415, "application/json"),
+        ('{"pad": "' + "x" * 100_000 + '"}', JSON, 413, ""),
+    ],
+)
+def test_bad_orders_get_a_clear_4xx_json_error(
+    demo: Demo, body: str, content_type: str, status: int, error: str
+) -> None:
+    """Malformed JSON 400, invalid or unplaceable orders 422, not JSON 415, over 64 KiB 413: never a 500."""
+    response = requests.post(f"{demo.app}/orders", data=body, headers={"Content-Type": content_type}, timeout=10)
+    assert response.status_code == status, response.text
+    assert error in response.json()["error"]
+
+
+def test_unknown_resources_are_404_with_a_json_error(demo: Demo) -> None:
+    """Unknown product, order or customer: 404 naming what is missing."""
+    for path in ("/products/9999", "/orders/999999", "/customers/999"):
+        response = requests.get(demo.app + path, timeout=10)
+        assert response.status_code == 404 and "no " in response.json()["error"], path
+
+
+def test_product_reads_are_served_from_the_cache_after_the_first(demo: Demo) -> None:
+    """The second read of a product is a cache hit (X-Cache), and hits are counted."""
+    requests.get(f"{demo.app}/products/42", timeout=10)
+    assert requests.get(f"{demo.app}/products/42", timeout=10).headers["X-Cache"] == "hit"
+    assert demo.value("web", "demo_product_cache_requests_total", result="hit") >= 1
+
+
+def test_fault_switches_need_the_admin_token_and_refuse_unknown_switches(demo: Demo) -> None:
+    """No or wrong token: 401; an unknown switch or queue: 422; nothing changes."""
+    url = f"{demo.app}/admin/faults"
+    assert requests.put(url, json={"error_rate": 1}, timeout=10).status_code == 401
+    wrong = requests.put(url, json={"error_rate": 1}, headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401
+    assert demo.faults("PUT", error_rat=1).status_code == 422
+    assert demo.faults("PUT", paused_queues=["nope"]).status_code == 422
+    assert demo.faults("PUT", error_rate=2).status_code == 422
+    assert demo.faults().json()["error_rate"] == 0
+
+
+def test_injected_errors_and_latency_are_switched_on_and_off(demo: Demo) -> None:
+    """error_rate 1 answers every API request 500 (JSON); latency_ms slows it; clearing restores both."""
+    demo.faults("PUT", error_rate=1.0)
+    try:
+        failing = wait_for(lambda: requests.get(f"{demo.app}/products/1", timeout=10).status_code == 500, timeout=5)
+        assert failing
+        assert "error" in requests.get(f"{demo.app}/products/1", timeout=10).json()
+    finally:
+        demo.faults("DELETE")
+    demo.faults("PUT", latency_ms=300)
+    try:
+        time.sleep(1.2)
+        started = time.monotonic()
+        assert requests.get(f"{demo.app}/products/1", timeout=10).status_code == 200
+        assert time.monotonic() - started >= 0.3
+    finally:
+        demo.faults("DELETE")
+    time.sleep(1.2)
+    started = time.monotonic()
+    assert requests.get(f"{demo.app}/products/1", timeout=10).status_code == 200
+    assert time.monotonic() - started < 0.3
+
+
+def test_pausing_a_queue_stops_its_consumption_and_resuming_drains_it(demo: Demo) -> None:
+    """paused_queues=["reports"]: report tasks wait in the broker (queue length > 0); clearing runs the chord."""
+    assert demo.faults("PUT", paused_queues=["reports"]).status_code == 200
+    try:
+        time.sleep(1.0)
+        started = requests.post(f"{demo.app}/reports/sales", timeout=10)
+        assert started.status_code == 202
+        report_id = started.json()["report_id"]
+        waiting = wait_for(lambda: demo.value("worker", "celery_queue_length", queue="reports") >= 1, timeout=15)
+        assert waiting, "the paused queue did not fill"
+        time.sleep(2)
+        assert requests.get(f"{demo.app}/reports/{report_id}", timeout=10).status_code == 202
+    finally:
+        demo.faults("DELETE")
+
+    def done() -> dict | None:
+        response = requests.get(f"{demo.app}/reports/{report_id}", timeout=10)
+        return response.json() if response.status_code == 200 else None
+
+    report = wait_for(done, timeout=30, interval=0.5)
+    assert report and report["status"] == "done"
+    assert report["report"]["products"] > 0 and report["report"]["revenue_cents"] > 0
+    assert demo.value("worker", "celery_task_completed_total", task_name="shop.combine_sales", outcome="success") >= 1
+
+
+def test_prometheus_scrapes_web_worker_and_beat_and_sees_the_traffic(demo: Demo) -> None:
+    """Jobs web, worker and beat are up; request rate, task completions, SQL durations and exemplars arrive."""
+    up = wait_for(lambda: len(_safe(lambda: demo.query('up{job=~"web|worker|beat"} == 1')) or []) == 3, timeout=60)
+    assert up, _safe(lambda: demo.query("up"))
+    for expression in (
+        'sum(rate(http_server_request_duration_seconds_count{job="web"}[1m])) > 0',
+        'sum(celery_task_completed_total{job="worker", task_name="shop.send_confirmation"}) > 0',
+        'sum(db_client_operation_duration_seconds_count{job="worker", db_operation_name="UPDATE"}) > 0',
+        'sum(spyglass_db_n_plus_one_requests_total{job="web"}) > 0',
+        'sum(demo_product_cache_requests_total{job="web", result="hit"}) > 0',
+        'sum(celery_queue_length{job="worker"}) >= 0',
+    ):
+        assert wait_for(lambda e=expression: _safe(lambda: demo.query(e)), timeout=60, interval=1), expression
+
+    def exemplar_trace_ids() -> set[str]:
+        response = requests.get(
+            f"{demo.prometheus}/api/v1/query_exemplars",
+            params={"query": "http_server_request_duration_seconds_bucket", "start": time.time() - 300},
+            timeout=5,
+        )
+        return {item["labels"]["trace_id"] for series in response.json()["data"] for item in series["exemplars"]}
+
+    trace_ids = wait_for(lambda: _safe(exemplar_trace_ids), timeout=30, interval=1)
+    assert trace_ids, "Prometheus stored no exemplars"
+    exported = wait_for(lambda: trace_ids & {span["traceId"] for span in demo.spans()}, timeout=20)
+    assert exported, "exemplars point at traces that were never exported"
+    assert requests.get(f"http://127.0.0.1:{demo.ports['DEMO_ALERTMANAGER_PORT']}/-/ready", timeout=5).ok
+
+
+def test_every_log_line_of_web_and_worker_is_json_with_the_service_name(demo: Demo) -> None:
+    """web.log and worker.log hold JSON lines only (gunicorn's and Celery's own included)."""
+    for name, service in (("web", "shop-web"), ("worker", "shop-worker")):
+        log = demo.var / "demo" / f"{name}.log"
+        lines = wait_for(lambda log=log: [line for line in log.read_text().splitlines() if line.strip()], timeout=30)
+        assert lines, f"{log} stays empty"
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert len(records) >= 0.99 * len(lines), [line for line in lines if not line.startswith("{")][:5]
+        assert {record.get("service.name") for record in records} == {service}
+
+
+def _run_shop_script(script: str, **env: str) -> subprocess.CompletedProcess:
+    environment = clean_environment(**{"OTEL_TRACES_EXPORTER": "none", "SPYGLASS_METRICS_PORT": "0", **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_broker_that_is_down_gets_a_quick_503_and_the_order_is_kept_as_failed(tmp_path: Path, redis_url: str) -> None:
+    """No broker: POST /orders answers 503 with Retry-After within 3 s; the order is recorded as not queued."""
+    result = _run_shop_script(
+        """
+        import json, time
+        from demo_app.web import app
+        client = app.test_client()
+        started = time.monotonic()
+        response = client.post("/orders", json={"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}]})
+        elapsed = time.monotonic() - started
+        orders = client.get("/orders/recent?limit=1").get_json()["orders"]
+        print("RESULT " + json.dumps([response.status_code, response.get_json(), response.headers.get("Retry-After"),
+                                      elapsed, orders[0]["status"], orders[0]["failure_reason"]]))
+        """,
+        DEMO_VAR_DIR=str(tmp_path),
+        DEMO_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/13",
+        CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT ")), None)
+    assert line, result.stdout[-2000:] + result.stderr[-2000:]
+    status, body, retry_after, elapsed, order_status, reason = json.loads(line[len("RESULT ") :])
+    assert status == 503 and "unavailable" in body["error"] and retry_after == "5"
+    assert elapsed < 3.0
+    assert order_status == "failed" and "broker unavailable" in reason
+
+
+def test_the_shop_runs_on_postgresql_when_database_url_points_there(tmp_path: Path, redis_url: str) -> None:
+    """DATABASE_URL=postgresql+psycopg://...: schema created and seeded, N+1 detected with db.system.name postgresql."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"spyglass_demo_{uuid.uuid4().hex[:8]}"
+    admin_url = os.environ.get("DEMO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        database_url = admin_url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{name}"
+        result = _run_shop_script(
+            """
+            import json
+            from demo_app.web import app
+            client = app.test_client()
+            product = client.get("/products/5")
+            listing = client.get("/orders/recent/n-plus-one?limit=10")
+            print("RESULT " + json.dumps([product.status_code, product.get_json()["sku"], listing.status_code]))
+            """,
+            DATABASE_URL=database_url,
+            DEMO_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/13",
+            OTEL_TRACES_EXPORTER="otlp_json_file",
+            SPYGLASS_TRACES_FILE=str(tmp_path / "traces.jsonl"),
+        )
+        line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT ")), None)
+        assert line, result.stdout[-2000:] + result.stderr[-2000:]
+        assert json.loads(line[len("RESULT ") :]) == [200, "SKU-0005", 200]
+        warnings = [json.loads(row) for row in result.stdout.splitlines() if '"spyglass.db"' in row]
+        assert warnings and all(row["http_route"] == "/orders/recent/n-plus-one" for row in warnings)
+        assert any("FROM order_lines" in row["statement"] for row in warnings)
+        queries = [span for span in read_spans(tmp_path / "traces.jsonl") if "db.query.text" in span["attributes"]]
+        assert queries and {span["attributes"]["db.system.name"] for span in queries} == {"postgresql"}
+        assert {span["attributes"]["db.namespace"] for span in queries} == {name}
+        assert {span["attributes"]["server.address"] for span in queries} == {"127.0.0.1"}
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
