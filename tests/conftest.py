@@ -166,6 +166,16 @@ def read_spans(path: Path) -> list[dict]:
     return spans
 
 
+def finished_spans(traces: Path) -> list[dict]:
+    """Every span this process has ended so far, exported to ``traces`` first."""
+    from spyglass import runtime
+
+    state = runtime.current()
+    assert state is not None
+    state.flush()
+    return read_spans(traces)
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:

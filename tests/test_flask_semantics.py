@@ -19,7 +19,7 @@ import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
 from spyglass.logs import flush_logs
-from tests.conftest import read_spans
+from tests.conftest import finished_spans
 
 DURATION = "http_server_request_duration_seconds"
 
@@ -76,13 +76,6 @@ def instrumented(tmp_path: Path) -> Iterator[Callable[..., tuple[flask.Flask, Pa
 
     yield make
     runtime.shutdown()
-
-
-def finished_spans(traces: Path) -> list[dict]:
-    state = runtime.current()
-    assert state is not None
-    state.flush()
-    return read_spans(traces)
 
 
 def output(capfd) -> str:

@@ -19,7 +19,7 @@ from spyglass.config import ConfigError, load_settings
 from spyglass.integrations.sqlalchemy import SqlAlchemyInstrumentation, describe_statement
 from spyglass.logs import flush_logs
 from spyglass.query_tally import N_PLUS_ONE_EVENT
-from tests.conftest import read_spans
+from tests.conftest import finished_spans
 
 AUTHORS = 8
 
@@ -89,13 +89,6 @@ def library(tmp_path: Path) -> Iterator[Callable[..., tuple[flask.FlaskClient, E
 
     yield make
     runtime.shutdown()
-
-
-def finished_spans(traces: Path) -> list[dict]:
-    state = runtime.current()
-    assert state is not None
-    state.flush()
-    return read_spans(traces)
 
 
 def sample(name: str, **labels: str) -> float:
