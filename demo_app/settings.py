@@ -12,6 +12,7 @@
 | ``DEMO_PAYMENT_MAX_RETRIES`` | ``4`` | Retries of a failed charge before the order fails |
 | ``DEMO_RETRY_BACKOFF`` | ``1.0`` | Seconds before the first retry; doubles each time (with jitter) |
 | ``DEMO_PUBLISH_TIMEOUT`` | ``2.0`` | Seconds an order may wait for the broker before the API answers 503 |
+| ``DEMO_MAINTENANCE_INTERVAL`` | ``60`` | Seconds between two runs of the maintenance task (beat) |
 
 The fault switches (``DEMO_FAULT_*``) are described in :mod:`demo_app.faults`.
 """
@@ -46,6 +47,7 @@ class ShopSettings:
     payment_max_retries: int
     retry_backoff_s: float
     publish_timeout_s: float
+    maintenance_interval_s: float
 
 
 def _number(env: dict[str, str] | os._Environ, name: str, default: float, minimum: float = 0.0) -> float:
@@ -83,6 +85,7 @@ def load(env: dict[str, str] | None = None) -> ShopSettings:
         payment_max_retries=int(_number(env, "DEMO_PAYMENT_MAX_RETRIES", 4)),
         retry_backoff_s=_number(env, "DEMO_RETRY_BACKOFF", 1.0),
         publish_timeout_s=_number(env, "DEMO_PUBLISH_TIMEOUT", 2.0, minimum=0.1),
+        maintenance_interval_s=_number(env, "DEMO_MAINTENANCE_INTERVAL", 60.0, minimum=1.0),
     )
 
 

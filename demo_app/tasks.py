@@ -73,7 +73,7 @@ app.conf.update(
         "shop.combine_sales": {"queue": "reports"},
         "shop.maintenance": {"queue": "maintenance"},
     },
-    beat_schedule={"shop-maintenance": {"task": "shop.maintenance", "schedule": 60.0}},
+    beat_schedule={"shop-maintenance": {"task": "shop.maintenance", "schedule": _settings.maintenance_interval_s}},
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=4,

@@ -118,6 +118,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[D
         DEMO_PAYMENT_FAILURE_RATE="0",
         DEMO_RETRY_BACKOFF="0.2",
         DEMO_PAYMENT_MAX_RETRIES=str(MAX_RETRIES),
+        DEMO_MAINTENANCE_INTERVAL="3",
         OTEL_BSP_SCHEDULE_DELAY="300",
         **{name: str(port) for name, port in ports.items()},
     )
@@ -138,7 +139,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[D
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=90)
-        running.output = output.decode(errors="replace")  # type: ignore[attr-defined]
+    text = output.decode(errors="replace")
+    assert "Where to look" in text and "demo stopped" in text, text[-3000:]
 
 
 def test_an_order_flows_through_the_chain_and_one_trace_connects_web_and_worker(demo: Demo) -> None:
@@ -269,10 +271,66 @@ def test_unknown_resources_are_404_with_a_json_error(demo: Demo) -> None:
 
 
 def test_product_reads_are_served_from_the_cache_after_the_first(demo: Demo) -> None:
-    """The second read of a product is a cache hit (X-Cache), and hits are counted."""
+    """The second read of a product is a cache hit (X-Cache), counted, and its trace says so."""
     requests.get(f"{demo.app}/products/42", timeout=10)
-    assert requests.get(f"{demo.app}/products/42", timeout=10).headers["X-Cache"] == "hit"
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    response = requests.get(f"{demo.app}/products/42", headers={"traceparent": traceparent}, timeout=10)
+    assert response.headers["X-Cache"] == "hit"
     assert demo.value("web", "demo_product_cache_requests_total", result="hit") >= 1
+
+    def cache_span() -> dict | None:
+        return next((s for s in demo.spans() if s["traceId"] == trace_id and s["name"] == "GET product cache"), None)
+
+    span = wait_for(cache_span, timeout=10)
+    assert span and span["attributes"]["demo.cache.result"] == "hit"
+    assert not [s for s in demo.spans() if s["traceId"] == trace_id and "db.query.text" in s["attributes"]]
+
+
+def test_beat_runs_the_maintenance_task_on_schedule(demo: Demo) -> None:
+    """Beat sends shop.maintenance every DEMO_MAINTENANCE_INTERVAL (3 s here) and the worker runs it."""
+    beat = f"http://127.0.0.1:{demo.ports['DEMO_BEAT_METRICS_PORT']}/metrics"
+
+    def sent() -> float:
+        text = requests.get(beat, timeout=5).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "celery_beat_tasks_sent_total" and sample.labels.get("task_name") == "shop.maintenance"
+        )
+
+    assert wait_for(lambda: _safe(sent) and sent() >= 2, timeout=20)
+    ran = wait_for(
+        lambda: (
+            demo.value("worker", "celery_task_completed_total", task_name="shop.maintenance", outcome="success") >= 1
+        ),
+        timeout=20,
+    )
+    assert ran
+
+
+def test_the_slow_worker_switch_delays_every_task(demo: Demo) -> None:
+    """slow_worker_ms=400: a confirmation run takes at least 0.4 s; cleared, it takes milliseconds again."""
+    labels = {"task_name": "shop.send_confirmation"}
+
+    def runtime() -> tuple[float, float]:
+        return (
+            demo.value("worker", "celery_task_runtime_seconds_sum", **labels),
+            demo.value("worker", "celery_task_runtime_seconds_count", **labels),
+        )
+
+    demo.faults("PUT", slow_worker_ms=400)
+    try:
+        time.sleep(1.2)
+        total_before, count_before = runtime()
+        order_id = demo.place_order().json()["order_id"]
+        assert wait_for(lambda: demo.order(order_id)["status"] == "confirmed", timeout=30, interval=0.3)
+        assert wait_for(lambda: runtime()[1] > count_before, timeout=10)
+        total_after, count_after = runtime()
+    finally:
+        demo.faults("DELETE")
+    assert (total_after - total_before) / (count_after - count_before) >= 0.4
 
 
 def test_fault_switches_need_the_admin_token_and_refuse_unknown_switches(demo: Demo) -> None:
@@ -449,3 +507,32 @@ def test_the_shop_runs_on_postgresql_when_database_url_points_there(tmp_path: Pa
     finally:
         with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_fault_switch_defaults_come_from_the_environment_and_bad_values_are_refused() -> None:
+    """DEMO_FAULT_* and DEMO_PAYMENT_FAILURE_RATE set the defaults; an out-of-range value is a clear error."""
+    from pydantic import ValidationError
+
+    from demo_app import faults
+
+    switches = faults.defaults(
+        {
+            "DEMO_FAULT_ERROR_RATE": "0.25",
+            "DEMO_FAULT_LATENCY_MS": "150",
+            "DEMO_PAYMENT_FAILURE_RATE": "0.5",
+            "DEMO_FAULT_PAYMENT_OUTAGE": "true",
+            "DEMO_FAULT_SLOW_WORKER_MS": "20",
+            "DEMO_FAULT_PAUSED_QUEUES": "reports, maintenance",
+        }
+    )
+    assert switches == faults.Faults(
+        error_rate=0.25,
+        latency_ms=150,
+        payment_failure_rate=0.5,
+        payment_outage=True,
+        slow_worker_ms=20,
+        paused_queues=("reports", "maintenance"),
+    )
+    assert faults.defaults({}) == faults.Faults()
+    with pytest.raises(ValidationError, match="error_rate"):
+        faults.defaults({"DEMO_FAULT_ERROR_RATE": "1.5"})
