@@ -36,6 +36,7 @@ __all__ = [
     "app",
     "charge_payment",
     "combine_sales",
+    "fail_order",
     "maintenance",
     "order_workflow",
     "reserve_stock",

@@ -15,6 +15,7 @@ import random
 import time
 from typing import Any
 
+import redis
 from flask import Flask, Response, abort, jsonify, request
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,9 +27,11 @@ from demo_app import cache, db, faults, tasks
 from demo_app import settings as shop_settings
 from demo_app.models import Customer, Order, OrderLine, Product
 
-__all__ = ["MAX_BODY_BYTES", "OrderRequest", "app", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "PUBLISH_RETRY_POLICY", "OrderRequest", "app", "create_app"]
 
 MAX_BODY_BYTES = 64 * 1024
+# A broker that refuses connections is retried twice within half a second, then the API answers 503.
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 _logger = logging.getLogger("demo_app.web")
 
 
@@ -194,8 +197,7 @@ def create_app() -> Flask:
             )
             session.add(order)
         try:
-            policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
-            tasks.order_workflow(order.id).apply_async(retry=True, retry_policy=policy)
+            tasks.order_workflow(order.id).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
         except BrokerError as exc:
             tasks.fail_order(order.id, "not queued: broker unavailable")
             _logger.error("order not queued: broker unavailable", extra={"order_id": order.id, "error": str(exc)})
@@ -238,9 +240,7 @@ def create_app() -> Flask:
         with db.session() as session:
             product_ids = list(session.scalars(select(Product.id)))
         try:
-            result = tasks.sales_report(product_ids).apply_async(
-                retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2}
-            )
+            result = tasks.sales_report(product_ids).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
         except BrokerError:
             abort(503, description="the report queue is unavailable; try again later")
         response = jsonify(report_id=result.id, status="pending")
@@ -262,6 +262,13 @@ def create_app() -> Flask:
     @app.route("/admin/faults", methods=["GET", "PUT", "DELETE"])
     def admin_faults() -> Response:
         _require_admin()
+        try:
+            return _change_faults()
+        except redis.RedisError as exc:
+            _logger.error("fault switches unavailable", extra={"error": str(exc)})
+            abort(503, description="the fault switches are kept in Redis, which is unavailable")
+
+    def _change_faults() -> Response:
         if request.method == "PUT":
             try:
                 change = faults.FaultsUpdate.model_validate(_json_body())

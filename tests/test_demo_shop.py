@@ -473,7 +473,8 @@ def test_a_broker_that_is_down_gets_a_quick_503_and_the_order_is_kept_as_failed(
 
 def test_the_shop_runs_on_postgresql_when_database_url_points_there(tmp_path: Path, redis_url: str) -> None:
     """DATABASE_URL=postgresql+psycopg://...: schema created and seeded, N+1 detected with db.system.name postgresql."""
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg
+
     name = f"spyglass_demo_{uuid.uuid4().hex[:8]}"
     admin_url = os.environ.get("DEMO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
@@ -536,3 +537,26 @@ def test_fault_switch_defaults_come_from_the_environment_and_bad_values_are_refu
     assert faults.defaults({}) == faults.Faults()
     with pytest.raises(ValidationError, match="error_rate"):
         faults.defaults({"DEMO_FAULT_ERROR_RATE": "1.5"})
+
+
+def test_with_redis_down_products_come_from_the_database_and_fault_switches_answer_503(tmp_path: Path) -> None:
+    """Cache down: product reads still answer 200 (X-Cache: error); the admin endpoint says 503, not 500."""
+    result = _run_shop_script(
+        """
+        import json
+        from demo_app.web import app
+        client = app.test_client()
+        product = client.get("/products/3")
+        admin = client.put("/admin/faults", json={"latency_ms": 5}, headers={"Authorization": "Bearer t"})
+        print("RESULT " + json.dumps([product.status_code, product.headers.get("X-Cache"), product.get_json()["id"],
+                                      admin.status_code, admin.get_json()["error"]]))
+        """,
+        DEMO_VAR_DIR=str(tmp_path),
+        DEMO_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DEMO_ADMIN_TOKEN="t",
+    )
+    line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT ")), None)
+    assert line, result.stdout[-2000:] + result.stderr[-2000:]
+    product_status, cache, product_id, admin_status, admin_error = json.loads(line[len("RESULT ") :])
+    assert (product_status, cache, product_id) == (200, "error", 3)
+    assert admin_status == 503 and "Redis" in admin_error
