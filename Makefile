@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
 	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server
 
-.PHONY: all test lint demo bench bench-celery docs venv system-deps clean
+.PHONY: all test lint demo stack stack-env bench bench-celery docs venv system-deps clean
 
 all: test
 
@@ -45,6 +45,18 @@ test: $(STAMP) system-deps lint
 
 demo: $(STAMP) system-deps
 	$(PY) -m demo_app.native
+
+# The compose stack (needs Docker): .env with fresh secrets on first use, then the full profile.
+stack-env:
+	@if [ -f .env ]; then echo ".env exists: keeping it"; else \
+		secret() { $(PYTHON) -c 'import secrets; print(secrets.token_hex(16))'; }; \
+		sed -e "s/^GRAFANA_ADMIN_PASSWORD=.*/GRAFANA_ADMIN_PASSWORD=$$(secret)/" \
+		    -e "s/^DEMO_ADMIN_TOKEN=.*/DEMO_ADMIN_TOKEN=$$(secret)/" .env.example > .env && \
+		chmod 600 .env && echo "wrote .env with a generated Grafana admin password and demo admin token"; fi
+
+stack: stack-env
+	docker compose up -d --wait
+	@echo "Grafana http://127.0.0.1:$${GRAFANA_PORT:-3000} (anonymous viewing; admin password in .env)"
 
 # Each benchmark rewrites only its own section of docs/performance.md.
 bench: $(STAMP)

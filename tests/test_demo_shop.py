@@ -102,6 +102,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[D
             "DEMO_BEAT_METRICS_PORT",
             "DEMO_PROMETHEUS_PORT",
             "DEMO_ALERTMANAGER_PORT",
+            "DEMO_ALERT_SINK_PORT",
         )
     }
     shop_redis = redis_url.rsplit("/", 1)[0] + "/13"
@@ -393,17 +394,27 @@ def test_pausing_a_queue_stops_its_consumption_and_resuming_drains_it(demo: Demo
     assert demo.value("worker", "celery_task_completed_total", task_name="shop.combine_sales", outcome="success") >= 1
 
 
-def test_prometheus_scrapes_web_worker_and_beat_and_sees_the_traffic(demo: Demo) -> None:
-    """Jobs web, worker and beat are up; request rate, task completions, SQL durations and exemplars arrive."""
-    up = wait_for(lambda: len(_safe(lambda: demo.query('up{job=~"web|worker|beat"} == 1')) or []) == 3, timeout=60)
-    assert up, _safe(lambda: demo.query("up"))
+def test_prometheus_scrapes_every_target_of_the_stack_config_and_sees_the_traffic(demo: Demo) -> None:
+    """With the compose Prometheus config adapted to this machine, every target is up (the shop's
+    jobs named after their services: shop-web, shop-worker, shop-beat; Alertmanager; Prometheus);
+    request rate, task completions, SQL durations and exemplars arrive.
+    """
+    expected = {"shop-web", "shop-worker", "shop-beat", "alertmanager", "prometheus"}
+
+    def jobs_up() -> set[str] | None:
+        series = _safe(lambda: demo.query("up == 1")) or []
+        jobs = {item["metric"]["job"] for item in series}
+        return jobs if jobs == expected else None
+
+    assert wait_for(jobs_up, timeout=60, interval=1), _safe(lambda: demo.query("up"))
+    assert {item["metric"]["service"] for item in demo.query('up{job=~"shop-.*"}')} == {"web", "worker", "beat"}
     for expression in (
-        'sum(rate(http_server_request_duration_seconds_count{job="web"}[1m])) > 0',
-        'sum(celery_task_completed_total{job="worker", task_name="shop.send_confirmation"}) > 0',
-        'sum(db_client_operation_duration_seconds_count{job="worker", db_operation_name="UPDATE"}) > 0',
-        'sum(spyglass_db_n_plus_one_requests_total{job="web"}) > 0',
-        'sum(demo_product_cache_requests_total{job="web", result="hit"}) > 0',
-        'sum(celery_queue_length{job="worker"}) >= 0',
+        'sum(rate(http_server_request_duration_seconds_count{job="shop-web"}[1m])) > 0',
+        'sum(celery_task_completed_total{job="shop-worker", task_name="shop.send_confirmation"}) > 0',
+        'sum(db_client_operation_duration_seconds_count{job="shop-worker", db_operation_name="UPDATE"}) > 0',
+        'sum(spyglass_db_n_plus_one_requests_total{job="shop-web"}) > 0',
+        'sum(demo_product_cache_requests_total{job="shop-web", result="hit"}) > 0',
+        'sum(celery_queue_length{job="shop-worker"}) >= 0',
     ):
         assert wait_for(lambda e=expression: _safe(lambda: demo.query(e)), timeout=60, interval=1), expression
 
@@ -420,6 +431,51 @@ def test_prometheus_scrapes_web_worker_and_beat_and_sees_the_traffic(demo: Demo)
     exported = wait_for(lambda: trace_ids & {span["traceId"] for span in demo.spans()}, timeout=20)
     assert exported, "exemplars point at traces that were never exported"
     assert requests.get(f"http://127.0.0.1:{demo.ports['DEMO_ALERTMANAGER_PORT']}/-/ready", timeout=5).ok
+
+
+def _otlp_log_records(path: Path) -> list[tuple[str, dict]]:
+    """(service.name, log record) of every record in an OTLP JSON lines file."""
+    records = []
+    for line in path.read_text().splitlines():
+        for resource_logs in json.loads(line)["resourceLogs"]:
+            resource = {
+                item["key"]: item["value"].get("stringValue") for item in resource_logs["resource"]["attributes"]
+            }
+            for scope_logs in resource_logs["scopeLogs"]:
+                records.extend((resource["service.name"], record) for record in scope_logs["logRecords"])
+    return records
+
+
+def test_logs_of_web_and_worker_are_written_as_otlp_records_linked_to_the_order_trace(demo: Demo) -> None:
+    """With no collector, make demo writes log records as OTLP JSON lines (var/otlp/logs.jsonl): the
+    worker's "order confirmed" record carries the order's trace id, and the web's access record of
+    the POST that placed the order carries the same one.
+    """
+    response = demo.place_order()
+    assert response.status_code == 202, response.text
+    order_id = str(response.json()["order_id"])
+    logs = demo.var / "otlp" / "logs.jsonl"
+
+    def linked_records() -> list[tuple[str, dict]] | None:
+        records = _otlp_log_records(logs) if logs.exists() else []
+        confirmed = [
+            record
+            for service, record in records
+            if service == "shop-worker"
+            and record.get("body", {}).get("stringValue") == "order confirmed"
+            and {"key": "order_id", "value": {"intValue": order_id}} in record.get("attributes", [])
+        ]
+        if not confirmed:
+            return None
+        trace_id = confirmed[0]["traceId"]
+        linked = [(service, record) for service, record in records if record.get("traceId") == trace_id]
+        return linked if {service for service, _ in linked} >= {"shop-web", "shop-worker"} else None
+
+    linked = wait_for(linked_records, timeout=30, interval=0.5)
+    assert linked, "no log records of both services share the order's trace"
+    access = [record for service, record in linked if service == "shop-web"]
+    assert any(record["body"]["stringValue"] == "request" for record in access)
+    assert all(record["severityNumber"] in (9, 13, 17) and record["spanId"] for _, record in linked)
 
 
 def test_every_log_line_of_web_and_worker_is_json_with_the_service_name(demo: Demo) -> None:
@@ -560,3 +616,37 @@ def test_with_redis_down_products_come_from_the_database_and_fault_switches_answ
     product_status, cache, product_id, admin_status, admin_error = json.loads(line[len("RESULT ") :])
     assert (product_status, cache, product_id) == (200, "error", 3)
     assert admin_status == 503 and "Redis" in admin_error
+
+
+def test_alertmanager_pages_a_critical_alert_to_the_sink_and_mutes_its_warning_twin(demo: Demo) -> None:
+    """Alertmanager runs the stack's config: a critical alert reaches the alert sink's page receiver,
+    and while it fires the warning alert of the same name and job is inhibited.
+    """
+    alertmanager = f"http://127.0.0.1:{demo.ports['DEMO_ALERTMANAGER_PORT']}"
+    sink = f"http://127.0.0.1:{demo.ports['DEMO_ALERT_SINK_PORT']}"
+    name = f"SpyglassStackTest{uuid.uuid4().hex[:8]}"
+    labels = {"alertname": name, "job": "shop-web"}
+    alerts = [
+        {"labels": {**labels, "severity": severity}, "annotations": {"summary": f"{severity} test alert"}}
+        for severity in ("critical", "warning")
+    ]
+    requests.post(f"{alertmanager}/api/v2/alerts", json=alerts, timeout=5).raise_for_status()
+
+    def states() -> dict[str, dict] | None:
+        found = requests.get(f"{alertmanager}/api/v2/alerts", params={"filter": f'alertname="{name}"'}, timeout=5)
+        by_severity = {alert["labels"]["severity"]: alert["status"] for alert in found.json()}
+        return by_severity if len(by_severity) == 2 else None
+
+    status = wait_for(states, timeout=10)
+    assert status["critical"]["state"] == "active"
+    assert status["warning"]["state"] == "suppressed" and status["warning"]["inhibitedBy"], status
+
+    def paged() -> list[dict] | None:
+        notifications = requests.get(f"{sink}/notifications", params={"receiver": "page"}, timeout=5).json()
+        return [n for n in notifications if n["payload"]["commonLabels"].get("alertname") == name] or None
+
+    notifications = wait_for(paged, timeout=40, interval=0.5)
+    assert notifications, "the critical alert never reached the page receiver"
+    payload = notifications[0]["payload"]
+    assert payload["status"] == "firing" and payload["commonLabels"]["severity"] == "critical"
+    assert [alert["annotations"]["summary"] for alert in payload["alerts"]] == ["critical test alert"]

@@ -116,6 +116,30 @@ CATALOG: tuple[MetricSpec, ...] = (
         source="traces",
     ),
     MetricSpec(
+        name="otel_sdk_processor_log_processed_total",
+        type="counter",
+        unit="1",
+        labels=("error_type",),
+        description=(
+            "Log lines the export queue dropped before export (error_type queue_full: the backend "
+            "is slower than the service logs, or down). Lines on stdout are never dropped."
+        ),
+        otel_name="otel.sdk.processor.log.processed",
+        source="logs",
+    ),
+    MetricSpec(
+        name="otel_sdk_exporter_log_exported_total",
+        type="counter",
+        unit="1",
+        labels=("error_type",),
+        description=(
+            "Log records the exporter (OTEL_LOGS_EXPORTER) tried to deliver; with error_type "
+            "(export_failed, exception type) the records the backend did not accept, which are lost."
+        ),
+        otel_name="otel.sdk.exporter.log.exported",
+        source="logs",
+    ),
+    MetricSpec(
         name="target_info",
         type="info",
         unit="1",

@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 TRACES_EXPORTERS = ("otlp", "console", "none", "otlp_json_file")
+# "console": the JSON lines on stdout only (they always go there); the others export them as well.
+LOGS_EXPORTERS = ("otlp", "console", "none", "otlp_json_file")
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -82,6 +84,13 @@ class Settings:
     otlp_traces_endpoint: str = "http://localhost:4318/v1/traces"
     otlp_timeout_s: float = 10.0
     traces_file: str = "var/otlp/traces.jsonl"
+    logs_exporters: tuple[str, ...] = ()
+    """Where log records go besides stdout: ``otlp``, ``otlp_json_file`` (empty: nowhere else)."""
+    otlp_logs_endpoint: str = "http://localhost:4318/v1/logs"
+    logs_file: str = "var/otlp/logs.jsonl"
+    blrp_max_queue_size: int = 2048
+    blrp_schedule_delay_ms: int = 1000
+    blrp_max_export_batch_size: int = 512
     propagators: tuple[str, ...] = ("tracecontext", "baggage")
     bsp_max_queue_size: int = 2048
     bsp_schedule_delay_ms: int = 5000
@@ -218,6 +227,20 @@ def _traces_exporters(env: Mapping[str, str], endpoint_given: bool) -> tuple[str
     return tuple(dict.fromkeys(lowered))
 
 
+def _logs_exporters(env: Mapping[str, str], endpoint_given: bool) -> tuple[str, ...]:
+    names = _list(env, "OTEL_LOGS_EXPORTER")
+    if not names:
+        # Lines always go to stdout; naming a collector endpoint sends them there as well.
+        return ("otlp",) if endpoint_given else ()
+    lowered = tuple(name.lower() for name in names)
+    for name in lowered:
+        if name not in LOGS_EXPORTERS:
+            raise ConfigError(
+                "OTEL_LOGS_EXPORTER", env["OTEL_LOGS_EXPORTER"], "accepted values are " + ", ".join(LOGS_EXPORTERS)
+            )
+    return tuple(dict.fromkeys(name for name in lowered if name not in ("none", "console")))
+
+
 def _sampler_arg(env: Mapping[str, str], sampler: str) -> float:
     raw = _get(env, "OTEL_TRACES_SAMPLER_ARG")
     if raw is None or raw == "" or not sampler.endswith("traceidratio"):
@@ -232,7 +255,8 @@ def _sampler_arg(env: Mapping[str, str], sampler: str) -> float:
 
 
 def _protocols(env: Mapping[str, str]) -> None:
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+    signals = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")
+    for name in (*signals, "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = _get(env, name)
         if raw and raw.lower() not in OTLP_PROTOCOLS:
             raise ConfigError(name, raw, "spyglass exports OTLP over HTTP; accepted values are http/protobuf")
@@ -285,14 +309,15 @@ def _known_methods(env: Mapping[str, str]) -> frozenset[str]:
     return frozenset(method.upper() for method in methods)
 
 
-def _otlp_traces_endpoint(env: Mapping[str, str]) -> tuple[str, bool]:
-    signal = _url(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    if signal:
-        return signal, True
+def _otlp_endpoint(env: Mapping[str, str], signal: str) -> tuple[str, bool]:
+    """The OTLP/HTTP URL of ``signal`` (traces, logs) and whether the environment named one."""
+    url = _url(env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    if url:
+        return url, True
     base = _url(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
     if base:
-        return base.rstrip("/") + "/v1/traces", True
-    return "http://localhost:4318/v1/traces", False
+        return base.rstrip("/") + f"/v1/{signal}", True
+    return f"http://localhost:4318/v1/{signal}", False
 
 
 def _timeout_s(env: Mapping[str, str]) -> float:
@@ -319,7 +344,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     resource = _resource_attributes(env)
     service_name = _get(env, "OTEL_SERVICE_NAME") or resource.get("service.name") or "unknown_service:python"
-    endpoint, endpoint_given = _otlp_traces_endpoint(env)
+    endpoint, endpoint_given = _otlp_endpoint(env, "traces")
+    logs_endpoint, logs_endpoint_given = _otlp_endpoint(env, "logs")
     _protocols(env)
     sampler = _choice(env, "OTEL_TRACES_SAMPLER", "parentbased_always_on", SAMPLERS)
     metrics_dir = _get(env, "SPYGLASS_METRICS_DIR") or _get(env, "PROMETHEUS_MULTIPROC_DIR") or None
@@ -329,6 +355,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if batch_size > queue_size:
         raise ConfigError(
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", str(batch_size), f"use at most OTEL_BSP_MAX_QUEUE_SIZE ({queue_size})"
+        )
+    log_queue_size = _int(env, "OTEL_BLRP_MAX_QUEUE_SIZE", 2048, 1)
+    log_batch_size = _int(env, "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", min(512, log_queue_size), 1)
+    if log_batch_size > log_queue_size:
+        raise ConfigError(
+            "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE",
+            str(log_batch_size),
+            f"use at most OTEL_BLRP_MAX_QUEUE_SIZE ({log_queue_size})",
         )
     return Settings(
         disabled=_bool(env, "SPYGLASS_DISABLED", False),
@@ -345,6 +379,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bsp_max_queue_size=queue_size,
         bsp_schedule_delay_ms=_int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, 1),
         bsp_max_export_batch_size=batch_size,
+        logs_exporters=_logs_exporters(env, logs_endpoint_given),
+        otlp_logs_endpoint=logs_endpoint,
+        logs_file=_get(env, "SPYGLASS_LOGS_FILE") or "var/otlp/logs.jsonl",
+        blrp_max_queue_size=log_queue_size,
+        blrp_schedule_delay_ms=_int(env, "OTEL_BLRP_SCHEDULE_DELAY", 1000, 1),
+        blrp_max_export_batch_size=log_batch_size,
         bsp_export_timeout_ms=_int(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, 1),
         metrics_host=_get(env, "SPYGLASS_METRICS_HOST") or "127.0.0.1",
         metrics_port=_metrics_port(env),

@@ -7,6 +7,9 @@ latest ``max_delay`` seconds after the first line of the batch (a background thr
 Each ``write`` holds whole lines and, where it can, at most ``PIPE_BUF`` bytes, so lines of several
 processes sharing one pipe (gunicorn workers) never interleave mid-line.
 
+A ``tee`` callable, if given, receives every batch of lines as it is written (spyglass's log
+export queues them there). It runs on the thread that writes the batch and must not block.
+
 Pending lines are written at exit and by :meth:`LineWriter.flush` (gunicorn's ``worker_exit``
 calls it); a process killed with SIGKILL loses at most ``max_delay`` seconds of lines.
 """
@@ -17,6 +20,7 @@ import os
 import select
 import threading
 import weakref
+from collections.abc import Callable
 
 from spyglass.process_hooks import call_after_fork_in_child, call_at_exit
 
@@ -42,8 +46,9 @@ class LineWriter:
     ``max_delay=0`` writes every line at once (no background thread).
     """
 
-    def __init__(self, fd: int, max_delay: float = 0.1) -> None:
+    def __init__(self, fd: int, max_delay: float = 0.1, tee: Callable[[list[bytes]], None] | None = None) -> None:
         self._fd = fd
+        self._tee = tee
         self._max_delay = max_delay
         self._lock = threading.Lock()
         self._pending: list[bytes] = []
@@ -85,6 +90,8 @@ class LineWriter:
         return batch
 
     def _write(self, lines: list[bytes]) -> None:
+        if self._tee is not None:
+            self._tee(lines)
         chunk: list[bytes] = []
         size = 0
         for line in lines:

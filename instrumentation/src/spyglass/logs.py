@@ -5,6 +5,10 @@ libraries, ``app.logger``) share one processor chain and one renderer, so every 
 fields: ``timestamp`` (ISO-8601 UTC), ``level``, ``event``, ``logger``, ``service.name`` and, while
 a span is active, ``trace_id`` and ``span_id``. Secret values are redacted and, in the console
 format, control characters are escaped so client input cannot forge a line.
+
+In the JSON format the lines can also be exported as OpenTelemetry log records
+(``OTEL_LOGS_EXPORTER``: ``otlp`` to a collector, ``otlp_json_file`` to OTLP JSON lines); see
+:mod:`spyglass.log_export`.
 """
 
 from __future__ import annotations
@@ -23,13 +27,40 @@ from opentelemetry import trace
 
 from spyglass.config import Settings
 from spyglass.line_writer import LineWriter
+from spyglass.log_export import LogLineExporter, LogPipelineCounters, build_log_exporter
+from spyglass.process_hooks import call_at_exit
 from spyglass.redaction import Redactor, escape_control_characters
 
-__all__ = ["AccessLog", "configure_logging", "flush_logs", "get_logger", "reset_logging"]
+__all__ = [
+    "AccessLog",
+    "attach_log_metrics",
+    "configure_logging",
+    "flush_logs",
+    "get_logger",
+    "reset_logging",
+]
 
 _HANDLER_NAME = "spyglass"
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 _writer: LineWriter | None = None
+_exporters: list[LogLineExporter] = []
+
+
+class _Counters:
+    """Forwards the export counts to the metrics once :func:`attach_log_metrics` has given them."""
+
+    target: LogPipelineCounters | None = None
+
+    def dropped(self, count: int, error_type: str) -> None:
+        if self.target is not None:
+            self.target.dropped(count, error_type)
+
+    def exported(self, count: int, error_type: str = "") -> None:
+        if self.target is not None:
+            self.target.exported(count, error_type)
+
+
+_counters = _Counters()
 
 
 class _LineLogger:
@@ -117,7 +148,40 @@ class _JsonRecordFormatter(logging.Formatter):
         self._writer.flush()
 
 
-def _stdout_writer(settings: Settings) -> LineWriter | None:
+def _log_exporters(settings: Settings) -> list[LogLineExporter]:
+    """One export queue per ``OTEL_LOGS_EXPORTER`` entry."""
+    from spyglass.tracing import build_resource
+
+    resource = build_resource(settings)
+    return [
+        LogLineExporter(
+            build_log_exporter(
+                name, endpoint=settings.otlp_logs_endpoint, timeout_s=settings.otlp_timeout_s, path=settings.logs_file
+            ),
+            resource,
+            _counters,
+            max_queue=settings.blrp_max_queue_size,
+            max_batch=settings.blrp_max_export_batch_size,
+            schedule_delay_s=settings.blrp_schedule_delay_ms / 1000,
+        )
+        for name in settings.logs_exporters
+    ]
+
+
+def _tee_to(exporters: list[LogLineExporter]) -> Callable[[list[bytes]], None] | None:
+    if not exporters:
+        return None
+    if len(exporters) == 1:
+        return exporters[0].offer
+
+    def offer_to_all(lines: list[bytes]) -> None:
+        for exporter in exporters:
+            exporter.offer(lines)
+
+    return offer_to_all
+
+
+def _stdout_writer(settings: Settings, exporters: list[LogLineExporter]) -> LineWriter | None:
     """A line writer on stdout's file descriptor, or ``None`` when stdout has none (or for the console)."""
     if settings.log_format != "json":
         return None
@@ -126,7 +190,7 @@ def _stdout_writer(settings: Settings) -> LineWriter | None:
     except (AttributeError, OSError, ValueError):
         return None
     sys.stdout.flush()
-    return LineWriter(descriptor, max_delay=settings.log_flush_interval_s)
+    return LineWriter(descriptor, max_delay=settings.log_flush_interval_s, tee=_tee_to(exporters))
 
 
 def _add_trace_context(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -189,12 +253,16 @@ def _shared_processors(settings: Settings) -> list[Processor]:
 
 def configure_logging(settings: Settings) -> None:
     """Route structlog and standard-library logging through the spyglass pipeline on stdout."""
-    global _writer
+    global _writer, _exporters
     level = logging.getLevelNamesMapping()[settings.log_level.upper()]
     shared = _shared_processors(settings)
     if _writer is not None:
         _writer.close()
-    _writer = writer = _stdout_writer(settings)
+    for exporter in _exporters:
+        exporter.shutdown()
+    _exporters = _log_exporters(settings) if settings.log_format == "json" else []
+    _writer = writer = _stdout_writer(settings, _exporters)
+    call_at_exit(_flush_at_exit)
     if settings.log_format == "console":
         renderer: Processor = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     else:
@@ -241,6 +309,11 @@ def configure_logging(settings: Settings) -> None:
     werkzeug = logging.getLogger("werkzeug")
     if _drop_werkzeug_access_lines not in werkzeug.filters:
         werkzeug.addFilter(_drop_werkzeug_access_lines)
+    if settings.logs_exporters and settings.log_format != "json":
+        logging.getLogger("spyglass.logs").warning(
+            "log export (OTEL_LOGS_EXPORTER) needs SPYGLASS_LOG_FORMAT=json; logs go to stdout only",
+            extra={"log_format": settings.log_format},
+        )
 
 
 class _RateLimit(logging.Filter):
@@ -265,18 +338,38 @@ class _RateLimit(logging.Filter):
         return True
 
 
-def flush_logs() -> None:
-    """Write every pending log line now (before a worker exits, for example)."""
+def attach_log_metrics(metrics: LogPipelineCounters | None) -> None:
+    """Count exported and dropped log records in ``metrics`` from now on (``None``: stop counting)."""
+    _counters.target = metrics
+
+
+def flush_logs(timeout_s: float | None = None) -> None:
+    """Write every pending log line now and export them (before a worker exits, for example).
+
+    Export waits at most ``timeout_s`` seconds per exporter (2 s by default), so a backend that
+    is down cannot hold up a process's exit.
+    """
     if _writer is not None:
         _writer.flush()
+    for exporter in _exporters:
+        exporter.flush(timeout_s)
+
+
+def _flush_at_exit() -> None:
+    # Registered after the line writer's own exit hook, so it runs first (atexit is LIFO).
+    flush_logs()
 
 
 def reset_logging() -> None:
     """Undo :func:`configure_logging` (used by :func:`spyglass.shutdown` and tests)."""
-    global _writer
+    global _writer, _exporters
     if _writer is not None:
         _writer.close()
         _writer = None
+    for exporter in _exporters:
+        exporter.shutdown()
+    _exporters = []
+    _counters.target = None
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:

@@ -1,10 +1,11 @@
-"""A span exporter that appends OTLP JSON lines to a file.
+"""Span and log exporters that append OTLP JSON lines to a file.
 
-Each line is one ``ExportTraceServiceRequest`` in the OTLP/JSON encoding (hex trace and span
-ids, integer enums, lowerCamelCase keys, fields at their default value left out): the format the
-OpenTelemetry Collector's ``otlpjsonfile`` receiver reads, so a local run's traces can be replayed
-into Tempo later. Spans are encoded directly from the SDK's objects: going through protobuf
-messages and ``MessageToDict`` costs several times more CPU on the export thread.
+Each line is one ``ExportTraceServiceRequest`` (or ``ExportLogsServiceRequest``) in the OTLP/JSON
+encoding (hex trace and span ids, integer enums, lowerCamelCase keys, fields at their default value
+left out): the format the OpenTelemetry Collector's ``otlpjsonfile`` receiver reads, so a local
+run's traces can be replayed into Tempo (and its logs into Loki) later. Spans are encoded directly
+from the SDK's objects: going through protobuf messages and ``MessageToDict`` costs several times
+more CPU on the export thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+from opentelemetry.sdk._logs import ReadableLogRecord
+from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -25,7 +28,13 @@ from spyglass.light_span import LightSpan
 
 _UNSET_STATUS = LightSpan._status  # a light span's status until something sets one
 
-__all__ = ["OtlpJsonFileSpanExporter", "encode_spans_json", "spans_to_otlp_json"]
+__all__ = [
+    "OtlpJsonFileLogExporter",
+    "OtlpJsonFileSpanExporter",
+    "encode_logs_json",
+    "encode_spans_json",
+    "spans_to_otlp_json",
+]
 
 _logger = logging.getLogger("spyglass.traces")
 # OTLP SpanFlags: the parent's remoteness is known (0x100), and the parent is remote (0x200).
@@ -245,6 +254,68 @@ def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
     return orjson.dumps(encode_spans_json(spans))
 
 
+def _scope_json(scope: Any) -> dict[str, Any]:
+    if scope is None:
+        return {}
+    return _without_empty({"name": scope.name, "version": scope.version, "attributes": _attributes(scope.attributes)})
+
+
+def _log_record(readable: ReadableLogRecord) -> dict[str, Any]:
+    record = readable.log_record
+    encoded: dict[str, Any] = {}
+    if record.timestamp:
+        encoded["timeUnixNano"] = str(record.timestamp)
+    if record.observed_timestamp:
+        encoded["observedTimeUnixNano"] = str(record.observed_timestamp)
+    if record.severity_number is not None and record.severity_number.value:
+        encoded["severityNumber"] = record.severity_number.value
+    if record.severity_text:
+        encoded["severityText"] = record.severity_text
+    if record.body is not None:
+        encoded["body"] = _any_value(record.body)
+    if record.attributes:
+        encoded["attributes"] = _attributes(record.attributes)
+    if readable.dropped_attributes:
+        encoded["droppedAttributesCount"] = readable.dropped_attributes
+    if record.trace_id:
+        encoded["traceId"] = f"{record.trace_id:032x}"
+    if record.span_id:
+        encoded["spanId"] = f"{record.span_id:016x}"
+    if record.trace_flags:
+        encoded["flags"] = int(record.trace_flags)
+    return encoded
+
+
+def encode_logs_json(records: Sequence[ReadableLogRecord]) -> dict[str, Any]:
+    """Log records as one OTLP/JSON ``ExportLogsServiceRequest`` (a dict), grouped by resource and scope."""
+    grouped: dict[int, tuple[Any, dict[tuple[str, str], tuple[Any, list[dict[str, Any]]]]]] = {}
+    for readable in records:
+        scopes = grouped.setdefault(id(readable.resource), (readable.resource, {}))[1]
+        scope = readable.instrumentation_scope
+        key = (scope.name, scope.version or "") if scope is not None else ("", "")
+        scopes.setdefault(key, (scope, []))[1].append(_log_record(readable))
+    resource_logs = []
+    for resource, scopes in grouped.values():
+        scope_logs = [{"scope": _scope_json(scope), "logRecords": encoded} for scope, encoded in scopes.values()]
+        resource_logs.append(
+            {"resource": _without_empty({"attributes": _attributes(resource.attributes)}), "scopeLogs": scope_logs}
+        )
+    return {"resourceLogs": resource_logs}
+
+
+def _append_line(path: str, line: bytes, lock: threading.Lock) -> None:
+    """Append ``line`` to ``path`` with one ``write`` (creating its directory); raises ``OSError``."""
+    with lock:
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)
+
+
 class OtlpJsonFileSpanExporter(SpanExporter):
     """Append each exported batch as one OTLP/JSON line to ``path`` (directories are created).
 
@@ -258,21 +329,40 @@ class OtlpJsonFileSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write the batch; a failure to write loses the batch and is reported as a failure."""
-        line = spans_to_otlp_json(spans) + b"\n"
         try:
-            with self._lock:
-                directory = os.path.dirname(self._path)
-                if directory:
-                    os.makedirs(directory, exist_ok=True)
-                descriptor = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.write(descriptor, line)
-                finally:
-                    os.close(descriptor)
+            _append_line(self._path, spans_to_otlp_json(spans) + b"\n", self._lock)
         except OSError as exc:
             _logger.warning("cannot write traces file", extra={"path": self._path, "error": str(exc)})
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release: the file is opened per batch."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Batches are written synchronously."""
+        return True
+
+
+class OtlpJsonFileLogExporter(LogRecordExporter):
+    """Append each exported batch of log records as one OTLP/JSON line to ``path``.
+
+    Several processes may append to the same file, as with :class:`OtlpJsonFileSpanExporter`.
+    A failure to write is reported as a failure (and counted by the caller), never logged: a
+    log line about the logs file would itself be exported and fail again.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
+        """Write the batch; a failure to write loses the batch and is reported as a failure."""
+        try:
+            _append_line(self._path, orjson.dumps(encode_logs_json(batch)) + b"\n", self._lock)
+        except OSError:
+            return LogRecordExportResult.FAILURE
+        return LogRecordExportResult.SUCCESS
 
     def shutdown(self) -> None:
         """Nothing to release: the file is opened per batch."""

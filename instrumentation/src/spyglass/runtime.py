@@ -33,11 +33,17 @@ from prometheus_client import REGISTRY, CollectorRegistry, PlatformCollector
 from spyglass import __version__
 from spyglass.config import LOG_LEVELS, Settings, load_settings
 from spyglass.light_span import LightSpanStarter
-from spyglass.logs import configure_logging, flush_logs, reset_logging
+from spyglass.logs import attach_log_metrics, configure_logging, flush_logs, reset_logging
 from spyglass.metrics import multiprocess
 from spyglass.metrics.collectors import MultiProcessExemplarCollector, ProcessTreeCollector, ResourceInfoCollector
 from spyglass.metrics.exemplars import ExemplarFile
-from spyglass.metrics.instruments import CeleryMetrics, DatabaseMetrics, HttpServerMetrics, SpanPipelineMetrics
+from spyglass.metrics.instruments import (
+    CeleryMetrics,
+    DatabaseMetrics,
+    HttpServerMetrics,
+    LogPipelineMetrics,
+    SpanPipelineMetrics,
+)
 from spyglass.metrics.server import MetricsServer, start_metrics_server
 from spyglass.redaction import Redactor
 from spyglass.sampling import build_sampling_rule
@@ -72,6 +78,7 @@ class Telemetry:
     _extra_collectors: list = field(default_factory=list)
     _celery_metrics: CeleryMetrics | None = None
     _db_metrics: DatabaseMetrics | None = None
+    _log_metrics: LogPipelineMetrics | None = None
     _serving_registry: CollectorRegistry | None = None
     _served_collectors: list = field(default_factory=list)
     _compactor: multiprocess.ExitedProcessCompactor | None = None
@@ -179,7 +186,7 @@ def mark_worker() -> None:
         if _state._master_provider is not None:
             # Its queue was emptied at the fork; stop the export thread the fork restarted.
             _state._master_provider.shutdown()
-        for metrics in (_state._celery_metrics, _state._db_metrics, _state.span_metrics):
+        for metrics in (_state._celery_metrics, _state._db_metrics, _state.span_metrics, _state._log_metrics):
             if metrics is not None:  # the worker registers its own instruments
                 metrics.unregister()
         _state = None
@@ -281,10 +288,13 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
                 "start it with `gunicorn -c python:spyglass.gunicorn` or import the hooks into your config"
             )
         directory, exemplar_file = _setup_metrics(settings, role)
+        log_metrics = LogPipelineMetrics(REGISTRY) if settings.logs_exporters else None
+        attach_log_metrics(log_metrics)
         propagator = build_propagator(settings)
         if role == "master":
             # The master handles no request: it owns the directory and serves the endpoint.
             state = Telemetry(settings, role, None, None, propagator, None, None, Redactor(settings.redact_keys))
+            state._log_metrics = log_metrics
             state.metrics_dir = directory
             if directory:
                 state._compactor = multiprocess.ExitedProcessCompactor(directory).start()
@@ -315,6 +325,7 @@ def init(settings: Settings | None = None, *, role: str | None = None) -> Teleme
             metrics_dir=directory,
             server_spans=server_spans,
             exemplar_file=exemplar_file,
+            _log_metrics=log_metrics,
         )
         if role != "worker":
             _serve_metrics(state)
@@ -379,7 +390,15 @@ def shutdown(timeout_millis: int = 10000) -> None:
             state.metrics_server.stop()
         if state._compactor is not None:
             state._compactor.stop()
-        for metrics in (state.http_metrics, state.span_metrics, state._celery_metrics, state._db_metrics):
+        if not state.disabled:
+            reset_logging()
+        for metrics in (
+            state.http_metrics,
+            state.span_metrics,
+            state._celery_metrics,
+            state._db_metrics,
+            state._log_metrics,
+        ):
             if metrics is not None:
                 metrics.unregister()
         for collector in state._extra_collectors:
@@ -389,5 +408,3 @@ def shutdown(timeout_millis: int = 10000) -> None:
                 state._serving_registry.unregister(collector)
         if state.exemplar_file is not None:
             state.exemplar_file.close()
-        if not state.disabled:
-            reset_logging()

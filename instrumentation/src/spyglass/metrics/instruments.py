@@ -19,7 +19,14 @@ from spyglass.catalog import MetricSpec, by_name
 from spyglass.metrics.cells import Cell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile
 
-__all__ = ["CeleryMetrics", "DatabaseMetrics", "HttpServerMetrics", "SpanPipelineMetrics", "build_metric"]
+__all__ = [
+    "CeleryMetrics",
+    "DatabaseMetrics",
+    "HttpServerMetrics",
+    "LogPipelineMetrics",
+    "SpanPipelineMetrics",
+    "build_metric",
+]
 
 
 def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counter | Gauge | Histogram:
@@ -318,6 +325,23 @@ class _FastHistogram:
                 bytes.fromhex(trace_id),
                 bytes.fromhex(span_id),
             )
+
+
+class LogPipelineMetrics(_Registered):
+    """Health of log export: ``otel.sdk.processor.log.processed`` (drops) and ``otel.sdk.exporter.log.exported``."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        super().__init__(registry)
+        self._processed = self._build("otel_sdk_processor_log_processed_total")
+        self._exported = self._build("otel_sdk_exporter_log_exported_total")
+
+    def dropped(self, count: int, error_type: str) -> None:
+        """Lines dropped before export."""
+        self._processed.labels(error_type).inc(count)
+
+    def exported(self, count: int, error_type: str = "") -> None:
+        """Records the exporter delivered (``error_type`` empty) or lost (``error_type`` set)."""
+        self._exported.labels(error_type).inc(count)
 
 
 class SpanPipelineMetrics(_Registered):
