@@ -25,17 +25,8 @@ from pathlib import Path
 import psutil
 
 from benchmarks.report import cpu_model, write_section
+from demo_app.native import PORT_VARIABLES
 from tests.conftest import REPO, clean_environment, free_port
-
-PORT_VARIABLES = (
-    "DEMO_APP_PORT",
-    "SPYGLASS_METRICS_PORT",
-    "DEMO_WORKER_METRICS_PORT",
-    "DEMO_BEAT_METRICS_PORT",
-    "DEMO_PROMETHEUS_PORT",
-    "DEMO_ALERTMANAGER_PORT",
-    "DEMO_ALERT_SINK_PORT",
-)
 
 
 def _service_name(process: psutil.Process) -> str:

@@ -51,6 +51,18 @@ VAR = VAR_ROOT / "demo"
 QUEUES = "orders,reports,maintenance"
 
 
+# Each port's variable, the Ports field it sets, and its default.
+PORT_VARIABLES: dict[str, tuple[str, int]] = {
+    "DEMO_APP_PORT": ("app", 8000),
+    "SPYGLASS_METRICS_PORT": ("web_metrics", 9464),
+    "DEMO_WORKER_METRICS_PORT": ("worker_metrics", 9465),
+    "DEMO_BEAT_METRICS_PORT": ("beat_metrics", 9466),
+    "DEMO_PROMETHEUS_PORT": ("prometheus", 9090),
+    "DEMO_ALERTMANAGER_PORT": ("alertmanager", 9093),
+    "DEMO_ALERT_SINK_PORT": ("alert_sink", 9095),
+}
+
+
 @dataclass(frozen=True)
 class Ports:
     """The ports the demo listens on."""
@@ -73,27 +85,11 @@ class Ports:
                 raise SystemExit(f"{name}={raw!r} is not a port number")
             return int(raw)
 
-        return cls(
-            app=port("DEMO_APP_PORT", 8000),
-            web_metrics=port("SPYGLASS_METRICS_PORT", 9464),
-            worker_metrics=port("DEMO_WORKER_METRICS_PORT", 9465),
-            beat_metrics=port("DEMO_BEAT_METRICS_PORT", 9466),
-            prometheus=port("DEMO_PROMETHEUS_PORT", 9090),
-            alertmanager=port("DEMO_ALERTMANAGER_PORT", 9093),
-            alert_sink=port("DEMO_ALERT_SINK_PORT", 9095),
-        )
+        return cls(**{field: port(name, default) for name, (field, default) in PORT_VARIABLES.items()})
 
     def named(self) -> dict[str, int]:
         """Each port under the variable that sets it."""
-        return {
-            "DEMO_APP_PORT": self.app,
-            "SPYGLASS_METRICS_PORT": self.web_metrics,
-            "DEMO_WORKER_METRICS_PORT": self.worker_metrics,
-            "DEMO_BEAT_METRICS_PORT": self.beat_metrics,
-            "DEMO_PROMETHEUS_PORT": self.prometheus,
-            "DEMO_ALERTMANAGER_PORT": self.alertmanager,
-            "DEMO_ALERT_SINK_PORT": self.alert_sink,
-        }
+        return {name: getattr(self, field) for name, (field, _default) in PORT_VARIABLES.items()}
 
     def addresses(self) -> NativeAddresses:
         """Where each compose service's port is on this machine."""

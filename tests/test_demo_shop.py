@@ -23,6 +23,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo_app.native import PORT_VARIABLES
 from tests.conftest import REPO, clean_environment, free_port, read_spans, wait_for
 
 ADMIN_TOKEN = "test-admin-token"
@@ -94,18 +95,7 @@ def _safe(call):
 def demo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Demo]:
     """The native demo, with a fast payment provider and short retry backoff, under light load."""
     var = tmp_path_factory.mktemp("demo")
-    ports = {
-        name: free_port()
-        for name in (
-            "DEMO_APP_PORT",
-            "SPYGLASS_METRICS_PORT",
-            "DEMO_WORKER_METRICS_PORT",
-            "DEMO_BEAT_METRICS_PORT",
-            "DEMO_PROMETHEUS_PORT",
-            "DEMO_ALERTMANAGER_PORT",
-            "DEMO_ALERT_SINK_PORT",
-        )
-    }
+    ports = {name: free_port() for name in PORT_VARIABLES}
     shop_redis = redis_url.rsplit("/", 1)[0] + "/13"
     import redis
 

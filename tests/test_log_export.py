@@ -316,3 +316,50 @@ def test_log_export_settings_follow_the_otel_variables() -> None:
         load_settings({"OTEL_BLRP_MAX_QUEUE_SIZE": "10", "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE": "20"})
     with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"):
         load_settings({"OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": "grpc"})
+
+
+class CollectingExporter:
+    """An exporter that keeps the bodies it is given (the real ones are tested above)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+
+    def export(self, batch: list) -> object:
+        from opentelemetry.sdk._logs.export import LogRecordExportResult
+
+        self.bodies.extend(record.log_record.body for record in batch)
+        return LogRecordExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class Tally:
+    """Counts what the export queue reports."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def dropped(self, count: int, error_type: str) -> None:
+        self.counts[error_type] = self.counts.get(error_type, 0) + count
+
+    def exported(self, count: int, error_type: str = "") -> None:
+        self.counts[error_type or "ok"] = self.counts.get(error_type or "ok", 0) + count
+
+
+def test_flush_returns_only_once_every_line_offered_before_it_is_exported() -> None:
+    """flush() (run at exit and when a gunicorn worker exits) never returns while a line offered
+    before it is still queued, however the export thread's cycle falls.
+    """
+    from opentelemetry.sdk.resources import Resource
+
+    from spyglass.log_export import LogLineExporter
+
+    collected, tally = CollectingExporter(), Tally()
+    exporter = LogLineExporter(collected, Resource.create({}), tally, schedule_delay_s=0.001, exit_timeout_s=5)
+    for round_ in range(300):
+        exporter.offer([f'{{"event":"line {round_}"}}'.encode()])
+        assert exporter.flush() is True
+        assert collected.bodies[-1] == f"line {round_}", round_
+    exporter.shutdown()
+    assert len(collected.bodies) == 300 and tally.counts == {"ok": 300}

@@ -165,8 +165,10 @@ class LogLineExporter:
         self._lock = threading.Lock()
         self._queue: deque[bytes] = deque()
         self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        # Flush requests are numbered; the thread records the last one whose lines it exported.
+        self._flushes = threading.Condition()
+        self._flush_requested = 0
+        self._flush_done = 0
         self._stopped = False
         self._thread: threading.Thread | None = None
 
@@ -196,9 +198,14 @@ class LogLineExporter:
         """Export what is queued now; wait at most ``timeout_s`` (the export thread's bound by default)."""
         if self._thread is None:
             return self._export_queued()
-        self._idle.clear()
+        with self._flushes:
+            self._flush_requested += 1
+            ticket = self._flush_requested
         self._wake.set()
-        return self._idle.wait(self._exit_timeout_s if timeout_s is None else timeout_s)
+        with self._flushes:
+            return self._flushes.wait_for(
+                lambda: self._flush_done >= ticket, self._exit_timeout_s if timeout_s is None else timeout_s
+            )
 
     def shutdown(self) -> None:
         """Export what is queued (waiting at most the exit timeout) and stop; later lines are ignored."""
@@ -211,8 +218,12 @@ class LogLineExporter:
         while not self._stopped:
             self._wake.wait(self._schedule_delay_s)
             self._wake.clear()
+            with self._flushes:
+                ticket = self._flush_requested  # lines offered before this request are queued now
             self._export_queued()
-            self._idle.set()
+            with self._flushes:
+                self._flush_done = ticket
+                self._flushes.notify_all()
 
     def _take(self) -> list[bytes]:
         with self._lock:
