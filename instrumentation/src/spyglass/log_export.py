@@ -16,7 +16,6 @@ other field an attribute. ``service.name`` and the other resource attributes go 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -37,8 +36,6 @@ from spyglass.process_hooks import call_after_fork_in_child
 
 __all__ = ["LogLineExporter", "LogPipelineCounters", "build_log_exporter", "line_to_log_record"]
 
-_logger = logging.getLogger("spyglass.logs")
-
 _SEVERITIES: dict[str, SeverityNumber] = {
     "debug": SeverityNumber.DEBUG,
     "info": SeverityNumber.INFO,
@@ -51,7 +48,6 @@ _SEVERITIES: dict[str, SeverityNumber] = {
 }
 # Fields that are part of the record itself (or of the resource), not attributes.
 _RECORD_FIELDS = frozenset({"timestamp", "level", "event", "trace_id", "span_id", "logger", "service.name"})
-_SCOPE_VERSION = ""
 
 
 class LogPipelineCounters(Protocol):
@@ -102,7 +98,8 @@ def line_to_log_record(line: bytes, resource: Resource) -> ReadableLogRecord:
         fields = None
     if not isinstance(fields, dict):
         text = line.decode("utf-8", "backslashreplace").rstrip("\n")
-        record = LogRecord(timestamp=time.time_ns(), observed_timestamp=time.time_ns(), body=text)
+        now = time.time_ns()
+        record = LogRecord(timestamp=now, observed_timestamp=now, body=text)
         return ReadableLogRecord(log_record=record, resource=resource, instrumentation_scope=None)
     level = str(fields.get("level", "")).lower()
     trace_id = _hex_id(fields.get("trace_id"), 32)
@@ -127,7 +124,7 @@ def line_to_log_record(line: bytes, resource: Resource) -> ReadableLogRecord:
         attributes=attributes,
     )
     logger_name = fields.get("logger")
-    scope = InstrumentationScope(logger_name, _SCOPE_VERSION) if isinstance(logger_name, str) else None
+    scope = InstrumentationScope(logger_name) if isinstance(logger_name, str) else None
     return ReadableLogRecord(log_record=record, resource=resource, instrumentation_scope=scope)
 
 
