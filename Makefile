@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
 	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server
 
-.PHONY: all test lint demo stack stack-env bench bench-celery docs venv system-deps compose-cli clean
+.PHONY: all test lint demo stack stack-env bench bench-celery docs dashboards rules venv system-deps compose-cli clean
 
 all: test
 
@@ -92,6 +92,15 @@ bench-celery: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m spyglass.catalog > docs/metrics.md
+
+# The SLO rules: collector/prometheus/rules/slo.yml from collector/prometheus/slos.yaml (and the
+# runbook and dashboard links of the other rule files, from collector/links.py).
+rules: $(STAMP)
+	$(PY) -m collector.slo_rules
+
+# The Grafana dashboards: dashboards/json/*.json (what Grafana loads) and docs/dashboards.md, from dashboards/*.py.
+dashboards: $(STAMP)
+	$(PY) -m dashboards
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -13,6 +13,7 @@
 | ``DEMO_RETRY_BACKOFF`` | ``1.0`` | Seconds before the first retry; doubles each time (with jitter) |
 | ``DEMO_PUBLISH_TIMEOUT`` | ``2.0`` | Seconds an order may wait for the broker before the API answers 503 |
 | ``DEMO_MAINTENANCE_INTERVAL`` | ``60`` | Seconds between two runs of the maintenance task (beat) |
+| ``DEMO_TASK_TIME_LIMIT`` | ``300`` | Seconds a task may run before its pool process is killed (at least 1) |
 
 The fault switches (``DEMO_FAULT_*``) are described in :mod:`demo_app.faults`.
 """
@@ -48,6 +49,7 @@ class ShopSettings:
     retry_backoff_s: float
     publish_timeout_s: float
     maintenance_interval_s: float
+    task_time_limit_s: float
 
 
 def _number(env: dict[str, str] | os._Environ, name: str, default: float, minimum: float = 0.0) -> float:
@@ -86,6 +88,7 @@ def load(env: dict[str, str] | None = None) -> ShopSettings:
         retry_backoff_s=_number(env, "DEMO_RETRY_BACKOFF", 1.0),
         publish_timeout_s=_number(env, "DEMO_PUBLISH_TIMEOUT", 2.0, minimum=0.1),
         maintenance_interval_s=_number(env, "DEMO_MAINTENANCE_INTERVAL", 60.0, minimum=1.0),
+        task_time_limit_s=_number(env, "DEMO_TASK_TIME_LIMIT", 300.0, minimum=1.0),
     )
 
 

@@ -76,6 +76,8 @@ app.conf.update(
     },
     beat_schedule={"shop-maintenance": {"task": "shop.maintenance", "schedule": _settings.maintenance_interval_s}},
     task_acks_late=True,
+    # Hard limit: the pool process running a task this long is killed (outcome time_limit).
+    task_time_limit=_settings.task_time_limit_s,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=4,
     broker_connection_timeout=_settings.publish_timeout_s,
