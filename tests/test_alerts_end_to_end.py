@@ -125,11 +125,9 @@ class Run:
     clean_end: float
     faults: dict[str, Fault]
     notified: list[Notified] = field(default_factory=list)
-    prometheus: str = ""
     firing_during_clean: list[dict[str, Any]] = field(default_factory=list)
     served_during_clean: float = 0.0
     tasks_during_clean: float = 0.0
-    load: load.Progress | None = None
 
     def timeline(self) -> str:
         """What happened when, in seconds from the start: faults, and each alert's notifications."""
@@ -352,13 +350,11 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Ru
     )
     sink = AlertSink(f"http://127.0.0.1:{ports.alert_sink}")
     stop_load = threading.Event()
-    progress: list[load.Progress] = []
     with NativeDemo(options, environ) as demo:
         clean_start = time.time()
         driver = threading.Thread(
-            target=lambda: progress.append(
-                load.run(demo.app_url, rate=LOAD_RATE, seconds=float("inf"), stop=stop_load, quiet=True)
-            ),
+            target=load.run,
+            args=(demo.app_url, LOAD_RATE, float("inf"), stop_load, True),
             daemon=True,
         )
         driver.start()
@@ -371,7 +367,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Ru
                 clean_start,
                 clean_end,
                 _faults(demo),
-                prometheus=prometheus,
                 firing_during_clean=_prometheus_query(
                     prometheus, f'max_over_time(ALERTS{{alertstate="firing"}}[{window}])', clean_end
                 ),
@@ -390,7 +385,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Ru
         finally:
             stop_load.set()
             driver.join(timeout=30)
-        recorded.load = progress[0] if progress else None
     yield recorded
 
 
