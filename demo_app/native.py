@@ -158,6 +158,7 @@ class _Started:
     command: list[str]
     env: dict[str, str] | None
     process: subprocess.Popen
+    stopped: bool = False  # on purpose (stop_one): not a crash
 
 
 class Processes:
@@ -197,15 +198,17 @@ class Processes:
         return name in self._started and self._started[name].process.poll() is None
 
     def check(self) -> None:
-        """Raise ``SystemExit`` if one of the processes has exited."""
+        """Raise ``SystemExit`` if one of the processes has exited (other than by :meth:`stop_one`)."""
         for name, started in self._started.items():
-            if started.process.poll() is not None:
+            if not started.stopped and started.process.poll() is not None:
                 code = started.process.returncode
                 raise SystemExit(f"{name} exited with code {code}; see {self.log_path(name)}")
 
     def stop_one(self, name: str, timeout: float = 20.0) -> None:
         """SIGTERM process ``name``, wait up to ``timeout`` s, then SIGKILL what is left of its group."""
-        self._stop([self._started[name].process], timeout)
+        started = self._started[name]
+        started.stopped = True
+        self._stop([started.process], timeout)
 
     def stop(self) -> None:
         """SIGTERM each process (the last started first), then SIGKILL what is left of its group.
