@@ -285,7 +285,7 @@ def _faults(demo: NativeDemo) -> dict[str, Fault]:
     return {fault.name: fault for fault in faults}
 
 
-def _script(demo: NativeDemo, sink: AlertSink, faults: Mapping[str, Fault], clean_end: float) -> None:
+def _script(sink: AlertSink, faults: Mapping[str, Fault], clean_end: float) -> None:
     """Switch each fault on when its turn comes and off once its alerts have fired; wait for the resolutions."""
     while True:
         now = time.time()
@@ -379,7 +379,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Ru
                     prometheus, f'sum(increase(celery_task_completed_total{{job="shop-worker"}}[{window}]))', clean_end
                 ),
             )
-            _script(demo, sink, recorded.faults, clean_end)
+            _script(sink, recorded.faults, clean_end)
             recorded.notified = sink.notified()
             print(recorded.timeline())
         finally:
