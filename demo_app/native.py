@@ -205,6 +205,21 @@ class Processes:
                 code = started.process.returncode
                 raise SystemExit(f"{name} exited with code {code}; see {self.log_path(name)}")
 
+    def pid(self, name: str) -> int:
+        """The pid of process ``name`` as last started (the leader of its process group)."""
+        return self._started[name].process.pid
+
+    def kill_one(self, name: str, sig: int = signal.SIGKILL, timeout: float = 20.0) -> None:
+        """Send ``sig`` to the whole process group of ``name`` at once, as a crash would, and wait for its leader.
+
+        Nothing gets a chance to shut down cleanly (with SIGKILL); like :meth:`stop_one`, not reported as a crash.
+        """
+        started = self._started[name]
+        started.stopped = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(started.process.pid, sig)
+        started.process.wait(timeout)
+
     def stop_one(self, name: str, timeout: float = 20.0) -> None:
         """SIGTERM process ``name``, wait up to ``timeout`` s, then SIGKILL what is left of its group."""
         started = self._started[name]
@@ -258,7 +273,7 @@ class NativeDemo:
     ``with NativeDemo(options) as demo:`` starts everything and waits until each server listens;
     leaving the block stops every process. :meth:`stop_process` and :meth:`start_process` stop and
     start one of them (``web``, ``worker``, ``beat``, ``prometheus``, ``alertmanager``,
-    ``alert-sink``) as an operator or a crash would.
+    ``alert-sink``) as an operator would; :meth:`kill_process` kills one as a crash would.
     """
 
     def __init__(self, options: DemoOptions, environ: Mapping[str, str] | None = None) -> None:
@@ -300,6 +315,14 @@ class NativeDemo:
     def stop_process(self, name: str) -> None:
         """Stop one process (SIGTERM, then SIGKILL of its group after 20 s)."""
         self.processes.stop_one(name)
+
+    def kill_process(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one process and all of its children at once (SIGKILL of its process group), as a crash would."""
+        self.processes.kill_one(name, sig)
+
+    def pid(self, name: str) -> int:
+        """The pid of one process (for the worker, its main process; the pool processes are its children)."""
+        return self.processes.pid(name)
 
     def start_process(self, name: str) -> None:
         """Start a stopped process again, as it was first started, and wait until it listens."""

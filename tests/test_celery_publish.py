@@ -23,7 +23,7 @@ import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
 from spyglass.integrations.celery import PUBLISHED_AT_HEADER, UNREGISTERED_TASK
-from tests.conftest import clean_environment, read_spans
+from tests.conftest import clean_environment, free_port, read_spans
 
 PUBLISHED = "celery_task_published_total"
 
@@ -187,3 +187,79 @@ def test_publishing_a_task_the_publisher_does_not_know_ends_its_span_and_leaks_n
     # While the message is sent, the publish span is the current one (the peer ended it before).
     current = next(line for line in completed.stdout.splitlines() if line.startswith("CURRENT_DURING_PUBLISH"))
     assert current.split()[1] == spans["apply_async/billing.refund"]["spanId"]
+
+
+KNOWN_AND_NOT = ("shop.reserve_stock", "<unregistered>")
+BROKER_DOWN_SCRIPT = """
+import json
+import spyglass.auto
+import celery
+import flask
+from kombu.exceptions import OperationalError
+from opentelemetry import trace
+from prometheus_client import REGISTRY
+
+broker = celery.Celery("web", broker={broker!r})
+broker.conf.update(task_default_queue="orders", broker_connection_timeout=0.5,
+                   broker_transport_options={{"socket_connect_timeout": 0.5}})
+web = flask.Flask("web")
+
+
+@broker.task(name="shop.reserve_stock")
+def reserve_stock(order_id):
+    return order_id
+
+
+@web.post("/orders")
+def place_order():
+    outcomes = []
+    for publish in (lambda: reserve_stock.apply_async((1,), retry=False), lambda: broker.send_task("billing.refund")):
+        try:
+            publish()
+            outcomes.append("sent")
+        except OperationalError:
+            outcomes.append("failed")
+    with trace.get_tracer("app").start_as_current_span("after failed publish"):
+        pass
+    return flask.jsonify(outcomes), 503
+
+
+response = web.test_client().post("/orders")
+assert response.status_code == 503 and response.get_json() == ["failed", "failed"], response.data
+assert not trace.get_current_span().get_span_context().is_valid, "a span is still current after the request"
+values = {{}}
+for metric in REGISTRY.collect():
+    for sample in metric.samples:
+        if sample.name.startswith("celery_task_publish") and sample.name.endswith("_total"):
+            values[sample.name + json.dumps(sample.labels, sort_keys=True)] = sample.value
+print("VALUES " + json.dumps(values))
+"""
+
+
+def test_a_publish_the_broker_refuses_is_counted_as_an_error_and_its_span_ends_in_error(tmp_path) -> None:
+    """Broker down: each failed publish counts in celery_task_publish_errors_total (not as published), its
+    publish span ends with status ERROR and the exception, and the request's later spans are not its children.
+    """
+    traces = tmp_path / "traces.jsonl"
+    environment = clean_environment()
+    environment.update(
+        SPYGLASS_METRICS_PORT="0", OTEL_TRACES_EXPORTER="otlp_json_file", SPYGLASS_TRACES_FILE=str(traces)
+    )
+    script = BROKER_DOWN_SCRIPT.format(broker=f"redis://127.0.0.1:{free_port()}/0")
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("VALUES "))
+    values = json.loads(line[len("VALUES ") :])
+    labels = [{"error_type": "OperationalError", "queue": "orders", "task_name": name} for name in KNOWN_AND_NOT]
+    assert values == {"celery_task_publish_errors_total" + json.dumps(label): 1 for label in labels}, values
+    spans = {span["name"]: span for span in read_spans(traces)}
+    server = spans["POST /orders"]
+    assert spans["after failed publish"]["parentSpanId"] == server["spanId"]
+    for name in ("apply_async/shop.reserve_stock", "apply_async/billing.refund"):
+        publish = spans[name]
+        assert publish["parentSpanId"] == server["spanId"]
+        assert publish["status"]["code"] == 2, publish["status"]  # ERROR
+        events = [event["name"] for event in publish.get("events", [])]
+        assert "exception" in events, publish

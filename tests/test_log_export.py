@@ -3,87 +3,29 @@
 from __future__ import annotations
 
 import base64
-import gzip
 import json
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from spyglass.config import ConfigError, load_settings
 from tests.conftest import REPO, clean_environment, free_port, start_gunicorn, wait_for
-
-
-class OtlpReceiver:
-    """A real OTLP/HTTP receiver (protobuf) on loopback that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.logs: list[ExportLogsServiceRequest] = []
-        self.traces: list[ExportTraceServiceRequest] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path == "/v1/logs":
-                    receiver.logs.append(ExportLogsServiceRequest.FromString(body))
-                elif self.path == "/v1/traces":
-                    receiver.traces.append(ExportTraceServiceRequest.FromString(body))
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def log_records(self) -> list[tuple[dict[str, str], str, object]]:
-        """(resource attributes, scope name, record) of every record received."""
-        found = []
-        for request in list(self.logs):
-            for resource_logs in request.resource_logs:
-                resource = {kv.key: kv.value.string_value for kv in resource_logs.resource.attributes}
-                for scope_logs in resource_logs.scope_logs:
-                    for record in scope_logs.log_records:
-                        found.append((resource, scope_logs.scope.name, record))
-        return found
-
-    def span_trace_ids(self) -> set[str]:
-        return {
-            span.trace_id.hex()
-            for request in list(self.traces)
-            for resource_spans in request.resource_spans
-            for scope_spans in resource_spans.scope_spans
-            for span in scope_spans.spans
-        }
+from tests.otlp_receiver import OtlpReceiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
     otlp = OtlpReceiver()
     yield otlp
-    otlp.server.shutdown()
-    otlp.server.server_close()
+    otlp.close()
 
 
 def attributes_of(record: object) -> dict[str, object]:

@@ -228,8 +228,20 @@ CATALOG: tuple[MetricSpec, ...] = (
         unit="1",
         labels=("task_name", "queue"),
         description=(
-            "Task messages published by this service (web or worker), by task and routing key (the queue "
-            "with Celery's default exchange); task names the app does not register are `<unregistered>`."
+            "Task messages published by this service (web or worker) and accepted by the broker, by task and "
+            "routing key (the queue with Celery's default exchange); task names the app does not register are "
+            "`<unregistered>`."
+        ),
+        source="celery",
+    ),
+    MetricSpec(
+        name="celery_task_publish_errors_total",
+        type="counter",
+        unit="1",
+        labels=("task_name", "queue", "error_type"),
+        description=(
+            "Task messages this service could not publish (broker down or refusing), by task, routing key "
+            "and exception class (`error_type`); they are not in `celery_task_published_total`."
         ),
         source="celery",
     ),

@@ -23,9 +23,19 @@ from typing import Any
 from gunicorn.glogging import Logger
 
 from spyglass import runtime
+from spyglass.config import load_settings
 from spyglass.metrics import multiprocess
 
-__all__ = ["SpyglassLogger", "child_exit", "logger_class", "on_exit", "on_starting", "post_fork", "worker_exit"]
+__all__ = [
+    "MetricsPortClash",
+    "SpyglassLogger",
+    "child_exit",
+    "logger_class",
+    "on_exit",
+    "on_starting",
+    "post_fork",
+    "worker_exit",
+]
 
 
 class SpyglassLogger(Logger):
@@ -43,9 +53,27 @@ class SpyglassLogger(Logger):
 logger_class = SpyglassLogger
 
 
+class MetricsPortClash(RuntimeError):
+    """``SPYGLASS_METRICS_PORT`` is a port gunicorn is told to serve the application on.
+
+    A ``RuntimeError``: gunicorn prints its message and exits with status 1, before binding anything.
+    """
+
+
 def on_starting(server: Any) -> None:
-    """Master, before any worker: prepare the metrics directory and serve the endpoint."""
-    runtime.init(role="master")
+    """Master, before any worker: prepare the metrics directory and serve the endpoint.
+
+    Refuses to start (:class:`MetricsPortClash`) when the metrics port is one the app is bound to:
+    the endpoint would take the app's port and gunicorn would fail to bind it.
+    """
+    settings = load_settings()
+    app_ports = {address[1] for address in getattr(server.cfg, "address", []) if isinstance(address, tuple)}
+    if not settings.disabled and settings.metrics_port and settings.metrics_port in app_ports:
+        raise MetricsPortClash(
+            f"SPYGLASS_METRICS_PORT={settings.metrics_port} is the port gunicorn serves the application on; "
+            "give the metrics endpoint a port of its own"
+        )
+    runtime.init(settings, role="master")
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -16,6 +16,11 @@ the span (``set_attribute(s)``, ``add_event``, ``add_link``, ``record_exception`
 (the SDK would store them unchanged), anything else, and any span over a limit, goes through
 the SDK's own bounded containers. Child spans started while it is current have it as their
 parent, as usual.
+
+One difference: exception messages are free text that often quotes input, so the message and
+stack trace of a recorded exception (and the status description set by ``with span:``) are
+redacted as log messages are (``password=...`` pairs, bearer tokens; see
+:meth:`spyglass.redaction.Redactor.redact_text`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from opentelemetry.semconv.attributes.exception_attributes import (
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
+from spyglass.config import DEFAULT_REDACT_KEYS
+from spyglass.redaction import Redactor
 from spyglass.sampling import TRACE_ID_LIMIT, SamplingRule
 
 __all__ = ["LightSpan", "LightSpanStarter"]
@@ -50,6 +57,7 @@ _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 _EXCEPTION_ESCAPED = "exception.escaped"
 _PLAIN_ITEM_TYPES = frozenset((str, bool, int, float))
+_DEFAULT_REDACTOR = Redactor(DEFAULT_REDACT_KEYS)
 # The four trace-flag values a span can get: sampled or not, random trace id or not.
 _FLAGS = {
     (sampled, random): TraceFlags(TraceFlags.SAMPLED * sampled | TraceFlags.RANDOM_TRACE_ID * random)
@@ -232,13 +240,14 @@ class LightSpan(trace.Span, ReadableSpan):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        """Record an exception as an ``exception`` event with type, message and stack trace."""
+        """Record an exception as an ``exception`` event with type, message and stack trace (redacted)."""
         kind = type(exception)
         module = kind.__module__
+        redactor = _redactor()
         event_attributes: dict[str, Any] = {
             EXCEPTION_TYPE: f"{module}.{kind.__qualname__}" if module and module != "builtins" else kind.__qualname__,
-            EXCEPTION_MESSAGE: str(exception),
-            EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+            EXCEPTION_MESSAGE: _exception_text(redactor, str(exception)),
+            EXCEPTION_STACKTRACE: _exception_text(redactor, "".join(traceback.format_exception(exception))),
             _EXCEPTION_ESCAPED: str(escaped),
         }
         if attributes:
@@ -266,7 +275,9 @@ class LightSpan(trace.Span, ReadableSpan):
         """End the span; an exception leaving the block is recorded and sets an error status."""
         if exc_val is not None and self.is_recording():
             self.record_exception(exc_val, escaped=True)
-            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+            self.set_status(
+                Status(StatusCode.ERROR, _exception_text(_redactor(), f"{type(exc_val).__name__}: {exc_val}"))
+            )
         self.end()
 
     # -- read access for exporters (the SDK's checks, without its slow ABC isinstance) -----------
@@ -303,6 +314,29 @@ class LightSpan(trace.Span, ReadableSpan):
         )
         self._attributes = bounded
         return bounded
+
+
+def _redactor() -> Redactor:
+    """The process's redactor (``SPYGLASS_REDACT_KEYS``), or the default one before spyglass is set up."""
+    from spyglass import runtime  # runtime imports this module
+
+    state = runtime.current()
+    return state.redactor if state is not None else _DEFAULT_REDACTOR
+
+
+def _exception_text(redactor: Redactor, text: str) -> str:
+    r"""Exception text as a span may carry it: secrets redacted, and encodable as UTF-8.
+
+    A message quoting client input may hold a lone surrogate (JSON allows ``"\ud800"``); as it
+    is, it would make the exporter fail on the whole batch of spans. It is written escaped.
+    """
+    text = redactor.redact_text(text)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _plain_sequence(items: list | tuple, limit: int | None) -> tuple | None:

@@ -1,10 +1,22 @@
-"""Structured logs: one JSON object per line, with the trace and span of the moment.
+r"""Structured logs: one JSON object per line, with the trace and span of the moment.
 
 structlog loggers (``spyglass.get_logger``) and standard-library loggers (werkzeug, gunicorn,
 libraries, ``app.logger``) share one processor chain and one renderer, so every line has the same
 fields: ``timestamp`` (ISO-8601 UTC), ``level``, ``event``, ``logger``, ``service.name`` and, while
-a span is active, ``trace_id`` and ``span_id``. Secret values are redacted and, in the console
-format, control characters are escaped so client input cannot forge a line.
+a span is active, ``trace_id`` and ``span_id``.
+
+Client input cannot forge a line or leak a secret through them:
+
+* secret values are redacted: fields by key (nested too), and in the free text of the
+  ``event`` message and of the ``exception`` traceback, ``key=value`` pairs with a secret key and
+  bearer tokens (see :meth:`spyglass.redaction.Redactor.redact_text`);
+* in the JSON format every line is one JSON object: besides JSON's own escapes, the characters
+  some readers take for line breaks (U+0085, U+2028, U+2029) and the other C1 controls are
+  written as ``\uNNNN``; a value JSON cannot hold (a lone surrogate, an integer over 64 bits,
+  nesting deeper than 255) is written by the standard library's encoder or as a placeholder,
+  and a log call never raises into the application;
+* in the console format control characters in keys, values and exception messages are
+  escaped (``\x0a``), so a line is never broken by input.
 
 In the JSON format the lines can also be exported as OpenTelemetry log records
 (``OTEL_LOGS_EXPORTER``: ``otlp`` to a collector, ``otlp_json_file`` to OTLP JSON lines); see
@@ -18,6 +30,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -29,7 +42,7 @@ from spyglass.config import Settings
 from spyglass.line_writer import LineWriter
 from spyglass.log_export import LogLineExporter, LogPipelineCounters, build_log_exporter
 from spyglass.process_hooks import call_at_exit
-from spyglass.redaction import Redactor, escape_control_characters
+from spyglass.redaction import Redactor, escape_control_characters, escape_json_line_breaks
 
 __all__ = [
     "AccessLog",
@@ -139,10 +152,11 @@ class _JsonRecordFormatter(logging.Formatter):
         event["timestamp"] = _utc_timestamp()
         event["service.name"] = self._service_name
         _add_trace_context(None, method, event)
-        event = self._redactor.redact_mapping(event)
+        event = _redact(self._redactor, event)
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(None, method, event)
-        return orjson.dumps(event, default=repr)
+            _redact_exception_text(self._redactor, event)
+        return _dumps(event)
 
     def flush(self) -> None:
         self._writer.flush()
@@ -210,18 +224,74 @@ def _service_name_adder(service_name: str) -> Processor:
     return add_service_name
 
 
+def _redact(redactor: Redactor, event_dict: Any) -> Any:
+    """Secret fields by key, and secrets in the free text of the ``event`` message."""
+    event_dict = redactor.redact_mapping(event_dict)
+    message = event_dict.get("event")
+    if type(message) is str:
+        redacted = redactor.redact_text(message)
+        if redacted is not message:
+            event_dict["event"] = redacted  # the chain's own dict: structlog copies the context per call
+    return event_dict
+
+
+def _redact_exception_text(redactor: Redactor, event_dict: MutableMapping[str, Any]) -> None:
+    exception = event_dict.get("exception")
+    if type(exception) is str:
+        event_dict["exception"] = redactor.redact_text(exception)
+
+
 def _redacting(redactor: Redactor) -> Processor:
     def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        return redactor.redact_mapping(event_dict)  # type: ignore[arg-type]
+        return _redact(redactor, event_dict)  # type: ignore[no-any-return]
 
     return redact
 
 
+def _redacting_exceptions(redactor: Redactor) -> Processor:
+    """Runs after the traceback is formatted: secrets in exception messages (and source lines) go."""
+
+    def redact_exception(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        _redact_exception_text(redactor, event_dict)
+        return event_dict
+
+    return redact_exception
+
+
 def _escape_strings(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key, value in event_dict.items():
-        if isinstance(value, str):
-            event_dict[key] = escape_control_characters(value)
-    return event_dict
+    """Console format: control characters in keys and string values become visible escapes."""
+    return {
+        escape_control_characters(key) if isinstance(key, str) else key: (
+            escape_control_characters(value) if isinstance(value, str) else value
+        )
+        for key, value in event_dict.items()
+    }
+
+
+def _format_exception_escaped(exc_info: Any) -> str:
+    """A traceback as structlog formats it, with control characters in exception messages escaped.
+
+    The console format keeps tracebacks on several lines; a message (or note) holding a newline
+    would otherwise start a line of its own that could pass for a log line.
+    """
+    exception = traceback.TracebackException(*exc_info)
+    _escape_exception_messages(exception, set())
+    return "".join(exception.format()).removesuffix("\n")
+
+
+def _escape_exception_messages(exception: traceback.TracebackException, seen: set[int]) -> None:
+    if id(exception) in seen:
+        return
+    seen.add(id(exception))
+    message = getattr(exception, "_str", None)  # the message str(exc) gave (CPython 3.11 to 3.13)
+    if isinstance(message, str):
+        exception._str = escape_control_characters(message)  # type: ignore[attr-defined]
+    notes = getattr(exception, "__notes__", None)
+    if isinstance(notes, list | tuple):
+        exception.__notes__ = [escape_control_characters(str(note)) for note in notes]  # type: ignore[attr-defined]
+    for nested in (exception.__cause__, exception.__context__, *(getattr(exception, "exceptions", None) or ())):
+        if nested is not None:
+            _escape_exception_messages(nested, seen)
 
 
 def _drop_werkzeug_access_lines(record: logging.LogRecord) -> bool:
@@ -229,12 +299,41 @@ def _drop_werkzeug_access_lines(record: logging.LogRecord) -> bool:
     return not (isinstance(record.msg, str) and " - - [" in record.msg)
 
 
+def _dumps(value: Any, newline: bool = False) -> bytes:
+    """``value`` as one line of JSON (UTF-8), whatever it holds; never raises."""
+    try:
+        line = orjson.dumps(value, default=repr, option=orjson.OPT_APPEND_NEWLINE if newline else None)
+    except Exception:  # a lone surrogate, an int over 64 bits, deep nesting, a failing repr...
+        line = _fallback_dumps(value) + (b"\n" if newline else b"")
+    else:
+        line = escape_json_line_breaks(line)
+    return line
+
+
+def _fallback_dumps(value: Any) -> bytes:
+    """The standard library's encoder (ASCII only, any int); values it cannot write become placeholders."""
+    try:
+        return json.dumps(value, default=repr).encode("ascii")
+    except Exception:
+        pass
+    if not isinstance(value, dict):
+        value = {"event": value}
+    safe: dict[str, Any] = {}
+    for key, item in value.items():
+        try:
+            json.dumps(item, default=repr)
+        except Exception:
+            item = f"<unserializable {type(item).__name__}>"
+        safe[key if isinstance(key, str) else f"<key {type(key).__name__}>"] = item
+    return json.dumps(safe, default=repr).encode("ascii")
+
+
 def _json_bytes(event_dict: Any, **_kwargs: Any) -> bytes:
-    return orjson.dumps(event_dict, default=repr)
+    return _dumps(event_dict)
 
 
 def _json_text(event_dict: Any, **_kwargs: Any) -> str:
-    return orjson.dumps(event_dict, default=repr).decode("utf-8")
+    return _dumps(event_dict).decode("utf-8")
 
 
 def _shared_processors(settings: Settings) -> list[Processor]:
@@ -276,8 +375,14 @@ def configure_logging(settings: Settings) -> None:
         native_factory = structlog.PrintLoggerFactory(sys.stdout)
         native_renderer = renderer
 
+    exceptions: list[Processor] = [
+        structlog.processors.ExceptionRenderer(_format_exception_escaped)
+        if settings.log_format == "console"
+        else structlog.processors.format_exc_info,
+        _redacting_exceptions(Redactor(settings.redact_keys)),
+    ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, native_renderer],
+        processors=[*shared, *exceptions, native_renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=native_factory,
         cache_logger_on_first_use=True,
@@ -287,7 +392,7 @@ def configure_logging(settings: Settings) -> None:
         foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *shared],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
+            *exceptions,
             renderer,
         ],
     )
@@ -485,22 +590,17 @@ class AccessLog:
         if trace_id:
             record["trace_id"] = trace_id
             record["span_id"] = span_id
-        try:
-            return orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
-        except orjson.JSONEncodeError:  # lone surrogates in a bound value: the stdlib escapes them
-            return json.dumps(record, default=repr).encode("ascii") + b"\n"
+        return _dumps(record, newline=True)
 
 
 def _json_string(value: str) -> str:
-    """``value`` as a JSON string literal (lone surrogates escaped rather than rejected)."""
-    try:
-        return orjson.dumps(value).decode("utf-8")
-    except orjson.JSONEncodeError:
-        return json.dumps(value)
+    """``value`` as a JSON string literal (lone surrogates and line-breaking characters escaped)."""
+    return _dumps(value).decode("utf-8")
 
 
-# Characters JSON must escape inside a string (lone surrogates cannot be encoded as they are).
-_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\ud800-\udfff]').search
+# Characters JSON must escape inside a string (lone surrogates cannot be encoded as they are),
+# and those spyglass escapes so that no reader takes them for a line break.
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x80-\x9f\u2028\u2029\ud800-\udfff]').search
 
 
 def get_logger(name: str = "app", **initial_values: Any) -> Any:

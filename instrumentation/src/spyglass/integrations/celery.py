@@ -49,6 +49,7 @@ from spyglass.integrations.celery_labels import (
     register_app,
     task_label,
 )
+from spyglass.integrations.celery_publish import watch_publish_failures
 from spyglass.integrations.celery_runs import PUBLISHED_AT_HEADER
 from spyglass.metrics.broker_queues import BrokerQueueCollector, probe_for
 
@@ -87,6 +88,7 @@ def install_auto_instrumentation() -> None:
 def _connect_signals() -> None:
     receivers = (
         (signals.before_task_publish, _before_task_publish),
+        (signals.after_task_publish, _after_task_publish),
         (signals.task_prerun, celery_runs.task_started),
         (signals.task_postrun, celery_runs.task_finished),
         (signals.task_failure, celery_runs.task_failed),
@@ -101,6 +103,7 @@ def _connect_signals() -> None:
     )
     for signal, receiver in receivers:  # one receiver per signal: the dispatch uid is per signal
         signal.connect(receiver, weak=False, dispatch_uid=_DISPATCH_UID)
+    watch_publish_failures(_publish_failed)
     _instrument_traces()
 
 
@@ -111,7 +114,16 @@ def _instrument_traces() -> None:
         return
     from spyglass.integrations.celery_traces import instrument_traces
 
-    celery_runs.set_run_tracer(instrument_traces())
+    global _traces
+    _traces = instrument_traces()
+    celery_runs.set_run_tracer(_traces)
+
+
+_traces: Any = None
+"""The instrumentor of publish and run spans, when spyglass connected it."""
+_publishing = threading.local()
+"""Per thread: the (task label, routing key) of each publish under way, by task id."""
+_MAX_PUBLISHING = 1024
 
 
 def _before_task_publish(
@@ -120,17 +132,53 @@ def _before_task_publish(
     routing_key: str | None = None,
     **_extra: Any,
 ) -> None:
-    """Stamp the publish time into the message headers and count the message."""
-    now = time.time()
-    if headers is not None:
-        headers[PUBLISHED_AT_HEADER] = now
+    """Stamp the publish time into the message headers; remember the publish until it ends."""
+    if headers is None:
+        return
+    headers[PUBLISHED_AT_HEADER] = time.time()
+    task_id = headers.get("id")
+    if isinstance(task_id, str):
+        under_way = _under_way()
+        if len(under_way) >= _MAX_PUBLISHING:  # publishes through a sender spyglass does not watch
+            under_way.clear()
+        under_way[task_id] = (task_label(sender or headers.get("task")), routing_key or "")
+
+
+def _under_way() -> dict[str, tuple[str, str]]:
+    under_way = getattr(_publishing, "by_task_id", None)
+    if under_way is None:
+        under_way = _publishing.by_task_id = {}
+    return under_way
+
+
+def _after_task_publish(
+    sender: str | None = None,
+    headers: dict[str, Any] | None = None,
+    routing_key: str | None = None,
+    **_extra: Any,
+) -> None:
+    """Count the message the broker accepted (and, in beat, when it was sent)."""
+    headers = headers or {}
+    task_id = headers.get("id")
+    _under_way().pop(task_id, None)
     state = runtime.current()
     metrics = state.celery_metrics() if state is not None else None
     if metrics is not None:
-        label = task_label(sender or (headers or {}).get("task"))
+        label = task_label(sender or headers.get("task"))
         metrics.published(label, routing_key or "")
         if _in_beat:
-            metrics.beat_sent(label, now)
+            metrics.beat_sent(label, headers.get(PUBLISHED_AT_HEADER) or time.time())
+
+
+def _publish_failed(task_name: str, task_id: str | None, error: BaseException) -> None:
+    """A publish raised (broker down, refused, timed out): count it and end its publish span."""
+    label, routing_key = _under_way().pop(task_id or "", None) or (task_label(task_name), "")
+    state = runtime.current()
+    metrics = state.celery_metrics() if state is not None else None
+    if metrics is not None:
+        metrics.publish_failed(label, routing_key, type(error).__name__)
+    if _traces is not None:
+        _traces.publish_failed(task_name, task_id, error)
 
 
 _in_beat = False

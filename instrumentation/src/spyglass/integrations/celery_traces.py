@@ -242,6 +242,31 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
         celery_utils.detach_context(task, task_id)
         otel_context.detach(token)
 
+    def publish_failed(self, task_name: str, task_id: str | None, error: BaseException) -> None:
+        """End the publish span of a publish that raised: status ERROR, the exception recorded.
+
+        The publisher's own span is current again, as after ``after_task_publish``.
+        """
+        if task_id is None:
+            return
+        pending = self._unknown_publishes.pop(task_id, None)
+        if pending is not None:
+            span, token = pending
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            otel_context.detach(token)
+            span.end()
+            return
+        task = celery_utils.retrieve_task_from_sender({"sender": task_name})
+        if task is None:
+            return
+        started = celery_utils.retrieve_context(task, task_id, is_publish=True)
+        if started is None:
+            return
+        _span, activation, _token = started
+        activation.__exit__(type(error), error, error.__traceback__)  # records the exception, status ERROR
+        celery_utils.detach_context(task, task_id, is_publish=True)
+
     def _trace_after_publish(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         task_id = celery_utils.retrieve_task_id_from_message(kwargs)
         pending = self._unknown_publishes.pop(task_id, None) if task_id is not None else None

@@ -116,6 +116,7 @@ class CeleryMetrics(_Registered):
         super().__init__(registry)
         self._exemplars = exemplars
         self._published = self._build("celery_task_published_total")
+        self._publish_errors = self._build("celery_task_publish_errors_total")
         self._completed = self._build("celery_task_completed_total")
         self._failures = self._build("celery_task_failures_total")
         self._runtime = self._build("celery_task_runtime_seconds")
@@ -153,6 +154,10 @@ class CeleryMetrics(_Registered):
     def published(self, task_name: str, queue: str) -> None:
         """Count one published task message."""
         self._value(self._published, task_name, queue).inc(1)
+
+    def publish_failed(self, task_name: str, queue: str, error_type: str) -> None:
+        """Count one task message that could not be published (``error_type``: the exception's class)."""
+        self._value(self._publish_errors, task_name, queue, error_type).inc(1)
 
     def started(
         self, task_name: str, queue: str, queue_wait_seconds: float | None, trace_id: str = "", span_id: str = ""
