@@ -100,8 +100,18 @@ class Gunicorn:
 
 
 def start_gunicorn(
-    tmp: Path, *args: str, workers: int = 2, config: str = "python:spyglass.gunicorn", **env_overrides: str
+    tmp: Path,
+    *args: str,
+    workers: int = 2,
+    config: str = "python:spyglass.gunicorn",
+    app: str = "tests.apps.shop:app",
+    unset: tuple[str, ...] = (),
+    **env_overrides: str,
 ) -> Gunicorn:
+    """Gunicorn serving ``app`` (the test shop by default) with spyglass's hooks, its files under ``tmp``.
+
+    ``env_overrides`` are set in its environment, after ``unset`` names are removed from it.
+    """
     app_port, metrics_port = free_port(), free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     env = clean_environment()
@@ -114,6 +124,8 @@ def start_gunicorn(
         OTEL_BSP_SCHEDULE_DELAY="100",
         PYTHONPATH=str(REPO),
     )
+    for name in unset:
+        env.pop(name, None)
     env.update(env_overrides)
     log_path = tmp / "gunicorn.log"
     command = [
@@ -128,7 +140,7 @@ def start_gunicorn(
         "10",
         "--no-control-socket",
         *args,
-        "tests.apps.shop:app",
+        app,
     ]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -198,15 +210,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield "redis://127.0.0.1:6379/11"
         return
     port = free_port()
-    directory = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_redis_server(tmp_path_factory.mktemp("redis"), port)
     try:
-        wait_for_port(port, server)
         yield f"redis://127.0.0.1:{port}/11"
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def start_redis_server(directory: Path, port: int, *options: str) -> subprocess.Popen:
+    """A redis-server of the tests' own on loopback ``port``, files in ``directory``; returns once it listens.
+
+    ``options`` are extra server options (``--appendonly yes``...); nothing is saved by default.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)]
+    server = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, server)
+    return server

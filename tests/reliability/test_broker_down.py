@@ -8,7 +8,6 @@ switches stay on the shared Redis: only the broker is down.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import subprocess
 import threading
@@ -23,7 +22,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo_app.native import PORT_VARIABLES, DemoOptions, NativeDemo, Ports
-from tests.conftest import clean_environment, free_port, wait_for
+from tests.conftest import clean_environment, free_port, start_redis_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +56,13 @@ class Broker:
         self.port = free_port()
         self.directory = directory
         self.process: subprocess.Popen | None = None
-        directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed: run `make system-deps`"
-        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                   "--appendfsync", "always", "--dir", str(self.directory)]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = start_redis_server(self.directory, self.port, "--appendonly", "yes", "--appendfsync", "always")
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         assert wait_for(lambda: _pings(client), timeout=15), "the broker did not start"
 
@@ -141,7 +135,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.xfail(
-    reason="open (issue 8): kombu 5.7's Redis transport crashes the worker ('Unrecoverable error: "
+    reason="open (issue 8), intermittent: kombu 5.7's Redis transport crashes the worker ('Unrecoverable error: "
     "AttributeError: NoneType has no attribute hostname' in restore_unacked_once) when the broker dies while "
     "it holds unacknowledged messages, and orders prefetched then wait for the 1 h visibility timeout",
     strict=False,
@@ -178,6 +172,7 @@ def test_a_broker_outage_under_load_costs_fast_503s_only_and_loses_no_accepted_o
             crashed_at = time.monotonic()
             broker.crash()
             time.sleep(DOWN_S)
+            restarting_at = time.monotonic()  # orders from here on may find the broker back
             broker.start()
             back_at = time.monotonic()
             time.sleep(AFTER_S)
@@ -196,7 +191,7 @@ def test_a_broker_outage_under_load_costs_fast_503s_only_and_loses_no_accepted_o
         demo.processes.check()
 
     before = [c for c in calls if c.started < crashed_at - SETTLE_S]
-    during = [c for c in calls if crashed_at + SETTLE_S < c.started < back_at]
+    during = [c for c in calls if crashed_at + SETTLE_S < c.started < restarting_at]
     after = [c for c in calls if c.started > back_at + 10]
     assert before and during and after
 
@@ -208,7 +203,9 @@ def test_a_broker_outage_under_load_costs_fast_503s_only_and_loses_no_accepted_o
     assert all(call.kind == "order" and call.retry_after for call in refused)
     assert all(call.status == 202 for call in before + after if call.kind == "order")
     outage_orders = [call for call in during if call.kind == "order"]
-    assert outage_orders and all(call.status == 503 for call in outage_orders)
+    assert outage_orders and all(call.status == 503 for call in outage_orders), [
+        (round(call.started - crashed_at, 1), call.status) for call in outage_orders if call.status != 503
+    ]
     slowest_refusal = max(call.seconds for call in refused)
     assert slowest_refusal < FAST_503_S, slowest_refusal
     # Each refused order is one publish error on the web's metrics.

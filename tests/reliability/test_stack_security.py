@@ -44,7 +44,16 @@ import yaml
 from demo_app import settings as shop_settings
 from demo_app.native import PORT_VARIABLES, Ports
 from spyglass.config import Settings, load_settings
-from tests.conftest import REPO, VENV_BIN, Gunicorn, clean_environment, free_port, wait_for, wait_for_port
+from tests.conftest import (
+    REPO,
+    VENV_BIN,
+    Gunicorn,
+    clean_environment,
+    free_port,
+    start_gunicorn,
+    start_redis_server,
+    wait_for,
+)
 from tests.test_stack_files import (
     COMPOSE_FILE,
     DASHBOARD_PROVIDERS,
@@ -433,14 +442,8 @@ ADMIN_TOKEN = secrets.token_urlsafe(32)
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Redis of this module's own (the fault switches live in one fixed key; nobody else sees it)."""
     port = free_port()
-    directory = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_redis_server(tmp_path_factory.mktemp("redis"), port)
     try:
-        wait_for_port(port, server)
         yield f"redis://{LOOPBACK}:{port}/0"
     finally:
         server.terminate()
@@ -449,42 +452,21 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def start_shop(tmp: Path, redis_url: str, admin_token: str | None) -> Gunicorn:
     """The demo shop's API (`demo_app.web:app`) under gunicorn with spyglass's hooks, as compose runs it."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    app_port, metrics_port = free_port(), free_port()
-    env = clean_environment(
-        PYTHONPATH=str(REPO),
+    token = {"DEMO_ADMIN_TOKEN": admin_token} if admin_token is not None else {}
+    server = start_gunicorn(
+        tmp,
+        workers=1,
+        app="demo_app.web:app",
+        unset=("DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DEMO_ADMIN_TOKEN"),
         OTEL_SERVICE_NAME="shop-web",
         OTEL_TRACES_EXPORTER="none",
-        SPYGLASS_METRICS_PORT=str(metrics_port),
-        SPYGLASS_METRICS_DIR=str(tmp / "metrics"),
         DEMO_VAR_DIR=str(tmp / "var"),
         DEMO_REDIS_URL=redis_url,
+        **token,
     )
-    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DEMO_ADMIN_TOKEN"):
-        env.pop(name, None)
-    if admin_token is not None:
-        env["DEMO_ADMIN_TOKEN"] = admin_token
-    log_path = tmp / "gunicorn.log"
-    command = [
-        str(VENV_BIN / "gunicorn"),
-        "-c",
-        "python:spyglass.gunicorn",
-        "-w",
-        "1",
-        "-b",
-        f"{LOOPBACK}:{app_port}",
-        "--no-control-socket",
-        "demo_app.web:app",
-    ]
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = Gunicorn(process, app_port, metrics_port, tmp, log_path, env)
-    try:
-        wait_for_port(app_port, process, timeout=60)
-        assert wait_for(lambda: _answers(server.url + "/healthz"), timeout=30), "the shop does not answer /healthz"
-    except Exception:
+    if not wait_for(lambda: _answers(server.url + "/healthz"), timeout=30):
         server.stop()
-        raise RuntimeError("the shop did not start:\n" + log_path.read_text()) from None
+        raise RuntimeError("the shop does not answer /healthz:\n" + server.log_text())
     return server
 
 
