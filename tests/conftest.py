@@ -166,7 +166,9 @@ def read_spans(path: Path) -> list[dict]:
     spans = []
     if not path.exists():
         return spans
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # JSON lines: only "\n" ends one
+        if not line:
+            continue
         request = json.loads(line)
         for resource_spans in request["resourceSpans"]:
             resource = {a["key"]: a["value"] for a in resource_spans["resource"]["attributes"]}

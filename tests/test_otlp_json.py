@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 from google.protobuf.json_format import ParseDict
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -16,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from spyglass.light_span import LightSpanStarter
-from spyglass.otlp_json import spans_to_otlp_json
+from spyglass.otlp_json import OtlpJsonFileLogExporter, OtlpJsonFileSpanExporter, spans_to_otlp_json
 
 
 def sample_spans() -> list:
@@ -83,3 +86,51 @@ def test_file_lines_equal_the_protobuf_encoding_of_the_sdk() -> None:
                         link[key] = base64.b64encode(bytes.fromhex(link[key])).decode()
     decoded = ParseDict(document, ExportTraceServiceRequest())
     assert decoded == encode_spans(spans)
+
+
+def test_a_span_with_invalid_unicode_or_unicode_line_breaks_stays_on_one_valid_line_with_its_batch(
+    tmp_path: Path,
+) -> None:
+    """A lone surrogate in a span (say, from a mis-decoded file name) used to make the encoder raise and
+    lose the whole batch; now it becomes U+FFFD, the batch is written, and NEL/U+2028/U+2029 are escaped,
+    so a reader splitting on any Unicode line break still sees one JSON request per line.
+    """
+    path = tmp_path / "traces.jsonl"
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OtlpJsonFileSpanExporter(str(path))))
+    tracer = provider.get_tracer("scope")
+    with tracer.start_as_current_span("open\u2028file") as span:
+        span.set_attribute("file.path", "/tmp/caf\udce9.txt")
+        span.set_attribute("note", "a\x85b\u2029c")
+    with tracer.start_as_current_span("next"):
+        pass
+    raw = path.read_bytes()
+    text = raw.decode("utf-8")  # valid UTF-8, or this raises
+    assert len(text.splitlines()) == 2 == raw.count(b"\n")
+    spans = [span for line in text.splitlines() for span in _spans_of(json.loads(line))]
+    assert [span["name"] for span in spans] == ["open\u2028file", "next"]
+    attributes = {a["key"]: a["value"]["stringValue"] for a in spans[0]["attributes"]}
+    assert attributes == {"file.path": "/tmp/caf\ufffd.txt", "note": "a\x85b\u2029c"}
+
+
+def test_a_log_record_with_invalid_unicode_is_written_not_lost(tmp_path: Path) -> None:
+    """The logs file exporter writes a record holding a lone surrogate (as U+FFFD), on one line."""
+    path = tmp_path / "logs.jsonl"
+    provider = LoggerProvider()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(OtlpJsonFileLogExporter(str(path))))
+    provider.get_logger("scope").emit(body="bad \ud800 name\u2028here", attributes={"k\udfff": "v"})
+    provider.force_flush()
+    lines = path.read_bytes().decode("utf-8").splitlines()
+    assert len(lines) == 1
+    [record] = json.loads(lines[0])["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
+    assert record["body"]["stringValue"] == "bad \ufffd name\u2028here"
+    assert record["attributes"][0]["key"] == "k\ufffd"
+
+
+def _spans_of(request: dict) -> list[dict]:
+    return [
+        span
+        for resource_spans in request["resourceSpans"]
+        for scope_spans in resource_spans["scopeSpans"]
+        for span in scope_spans["spans"]
+    ]

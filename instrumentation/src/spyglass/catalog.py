@@ -223,6 +223,30 @@ CATALOG: tuple[MetricSpec, ...] = (
         source="process",
     ),
     MetricSpec(
+        name="spyglass_metrics_store_errors_total",
+        type="counter",
+        unit="1",
+        labels=("error_type",),
+        description=(
+            "Failed writes to the multi-process metrics directory, by errno name (ENOSPC, EDQUOT, EROFS, EACCES, "
+            "ENOENT, ENOTDIR, other): unusable at start (the service then uses a private temporary directory, or "
+            "in-memory metrics that cover the serving process only), no room for a new series or a new process's "
+            "file, exited processes not yet folded in. Each outage is also logged once per process."
+        ),
+        source="metrics",
+    ),
+    MetricSpec(
+        name="spyglass_metrics_store_dropped_updates_total",
+        type="counter",
+        unit="1",
+        labels=(),
+        description=(
+            "Metric updates (increments, observations) lost because the metrics directory had no room for their "
+            "series; series stored before keep being updated, and new ones are stored again once there is room."
+        ),
+        source="metrics",
+    ),
+    MetricSpec(
         name="celery_task_published_total",
         type="counter",
         unit="1",

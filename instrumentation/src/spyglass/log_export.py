@@ -6,7 +6,10 @@ application one list extension per batch of lines: parsing the lines back into l
 exporting them happens on a background thread, in batches, like the SDK's batching processors.
 The queue is bounded (``OTEL_BLRP_MAX_QUEUE_SIZE``): when the backend is slow or down, the oldest
 lines are not held forever and every line that is not delivered is counted in
-``otel_sdk_processor_log_processed_total`` / ``otel_sdk_exporter_log_exported_total``.
+``otel_sdk_processor_log_processed_total`` / ``otel_sdk_exporter_log_exported_total``. A logs
+file that cannot be written (``otlp_json_file`` on a full or read-only disk) loses its batches,
+counted with ``error_type="export_failed"``, and says so once per outage in the log (see
+:mod:`spyglass.otlp_json`); the lines on stdout are not affected.
 
 Each line becomes one log record: ``timestamp`` its time, ``level`` its severity, ``event`` its
 body, ``trace_id``/``span_id`` its trace context (so Loki and Grafana link it to its trace),

@@ -1,4 +1,4 @@
-"""Span and log exporters that append OTLP JSON lines to a file.
+r"""Span and log exporters that append OTLP JSON lines to a file.
 
 Each line is one ``ExportTraceServiceRequest`` (or ``ExportLogsServiceRequest``) in the OTLP/JSON
 encoding (hex trace and span ids, integer enums, lowerCamelCase keys, fields at their default value
@@ -6,13 +6,31 @@ left out): the format the OpenTelemetry Collector's ``otlpjsonfile`` receiver re
 run's traces can be replayed into Tempo (and its logs into Loki) later. Spans are encoded directly
 from the SDK's objects: going through protobuf messages and ``MessageToDict`` costs several times
 more CPU on the export thread.
+
+A file that cannot be written (disk full, read-only file system, a directory that cannot be
+created) costs the application nothing: the export thread drops the batch and reports a failure,
+which the caller counts (``otel_sdk_exporter_span_exported_total{error_type="export_failed"}``,
+``otel_sdk_exporter_log_exported_total{error_type="export_failed"}``). Each process logs one
+warning when its writes start failing (naming the file and the error) and one line when they
+work again on a file system with free blocks, with the number of spans or records lost in
+between (a small batch that still fits in the last page of the file on a full disk does not end
+the outage). The file is opened for each batch, so writing resumes by itself once there is
+room, or the file system is writable, again. A write that the disk cut short is taken back, so
+the file never holds half a line.
+
+Every line is valid UTF-8 JSON on one line: a string that is not valid Unicode (a lone surrogate,
+from a decoded file name or a broken client) has the offending code points replaced by U+FFFD
+instead of losing its batch, and characters that some readers take for line breaks (C1 controls,
+U+2028, U+2029) are written as ``\uNNNN`` escapes.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +43,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from spyglass.light_span import LightSpan
+from spyglass.redaction import escape_json_line_breaks
 
 _UNSET_STATUS = LightSpan._status  # a light span's status until something sets one
 
@@ -36,7 +55,6 @@ __all__ = [
     "spans_to_otlp_json",
 ]
 
-_logger = logging.getLogger("spyglass.traces")
 # OTLP SpanFlags: the parent's remoteness is known (0x100), and the parent is remote (0x200).
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
@@ -251,7 +269,30 @@ def encode_spans_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
 
 def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
     """Encode spans as one OTLP/JSON ``ExportTraceServiceRequest`` line (no trailing newline)."""
-    return orjson.dumps(encode_spans_json(spans))
+    return _json_line(encode_spans_json(spans))
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _json_line(document: dict[str, Any]) -> bytes:
+    """``document`` as one line of UTF-8 JSON (no newline), whatever strings it holds."""
+    try:
+        encoded = orjson.dumps(document)
+    except orjson.JSONEncodeError:  # a string with a lone surrogate: rare, so checked only then
+        encoded = orjson.dumps(_valid_unicode(document))
+    return escape_json_line_breaks(encoded)
+
+
+def _valid_unicode(value: Any) -> Any:
+    """``value`` with every surrogate code point in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATES.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_valid_unicode(key): _valid_unicode(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_valid_unicode(item) for item in value]
+    return value
 
 
 def _scope_json(scope: Any) -> dict[str, Any]:
@@ -303,38 +344,99 @@ def encode_logs_json(records: Sequence[ReadableLogRecord]) -> dict[str, Any]:
     return {"resourceLogs": resource_logs}
 
 
-def _append_line(path: str, line: bytes, lock: threading.Lock) -> None:
-    """Append ``line`` to ``path`` with one ``write`` (creating its directory); raises ``OSError``."""
-    with lock:
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, line)
-        finally:
-            os.close(descriptor)
+def _append_line(path: str, line: bytes, after_failure: bool) -> bool:
+    """Append ``line`` to ``path`` with one ``write`` (creating its directory); raises ``OSError``.
+
+    A short write (the disk filled up during it) is taken back, unless another process appended
+    after it meanwhile. ``after_failure``: first make sure the file ends with a whole line (a
+    process that could not take back its short write leaves a fragment, which then stands alone),
+    and return whether the file system has free blocks again (a full disk still takes a small
+    line into the last page of the file: that is not the end of the outage).
+    """
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    access = os.O_RDWR if after_failure else os.O_WRONLY  # reading only to check the file's end
+    descriptor = os.open(path, access | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if after_failure:
+            size = os.fstat(descriptor).st_size
+            if size and os.pread(descriptor, 1, size - 1) != b"\n":
+                line = b"\n" + line
+        written = os.write(descriptor, line)
+        if written < len(line):
+            end = os.lseek(descriptor, 0, os.SEEK_CUR)
+            if os.fstat(descriptor).st_size == end:
+                os.ftruncate(descriptor, end - written)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return not after_failure or os.fstatvfs(descriptor).f_bavail > 0
+    finally:
+        os.close(descriptor)
+
+
+class _JsonLinesFile:
+    """Appends lines to a file; logs its first failure, and its first success after failures."""
+
+    def __init__(self, path: str, signal: str, items: str) -> None:
+        self.path = path
+        self._signal = signal
+        self._items = items
+        self._lock = threading.Lock()
+        self._failing = False
+        self._lost = 0
+        self._logger = logging.getLogger(f"spyglass.{signal}")
+
+    def append(self, line: bytes, count: int) -> bool:
+        """Append one line holding ``count`` items; False (the items counted as lost) if that failed."""
+        failure: OSError | None = None
+        with self._lock:
+            try:
+                room = _append_line(self.path, line, self._failing)
+            except OSError as exc:
+                failure = exc
+                starts, self._failing = not self._failing, True
+                self._lost += count
+            else:
+                recovered = self._failing and room
+                if recovered:
+                    lost, self._failing, self._lost = self._lost, False, 0
+        # Logged outside the lock: a log line may itself be exported through this very file.
+        if failure is not None:
+            if starts:
+                self._logger.warning(
+                    f"cannot write the {self._signal} file: {self._items} are dropped until it can be written again",
+                    extra={
+                        "path": self.path,
+                        "error": str(failure),
+                        "error.type": errno.errorcode.get(failure.errno or 0, type(failure).__name__),
+                        "process.pid": os.getpid(),
+                    },
+                )
+            return False
+        if recovered:
+            self._logger.info(
+                f"writing the {self._signal} file again",
+                extra={"path": self.path, "dropped": lost, "process.pid": os.getpid()},
+            )
+        return True
 
 
 class OtlpJsonFileSpanExporter(SpanExporter):
     """Append each exported batch as one OTLP/JSON line to ``path`` (directories are created).
 
     Several processes may append to the same file: each batch is written with a single
-    ``write`` on a file opened in append mode.
+    ``write`` on a file opened in append mode. A batch that cannot be written is lost and
+    reported as a failure; the trouble is logged once per outage (see the module docstring).
     """
 
     def __init__(self, path: str) -> None:
-        self._path = path
-        self._lock = threading.Lock()
+        self._file = _JsonLinesFile(path, "traces", "spans")
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write the batch; a failure to write loses the batch and is reported as a failure."""
-        try:
-            _append_line(self._path, spans_to_otlp_json(spans) + b"\n", self._lock)
-        except OSError as exc:
-            _logger.warning("cannot write traces file", extra={"path": self._path, "error": str(exc)})
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+        if self._file.append(spans_to_otlp_json(spans) + b"\n", len(spans)):
+            return SpanExportResult.SUCCESS
+        return SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
         """Nothing to release: the file is opened per batch."""
@@ -348,21 +450,18 @@ class OtlpJsonFileLogExporter(LogRecordExporter):
     """Append each exported batch of log records as one OTLP/JSON line to ``path``.
 
     Several processes may append to the same file, as with :class:`OtlpJsonFileSpanExporter`.
-    A failure to write is reported as a failure (and counted by the caller), never logged: a
-    log line about the logs file would itself be exported and fail again.
+    A failure to write is reported as a failure (and counted by the caller) and logged once per
+    outage: that warning line is exported too, and fails like the others, without another warning.
     """
 
     def __init__(self, path: str) -> None:
-        self._path = path
-        self._lock = threading.Lock()
+        self._file = _JsonLinesFile(path, "logs", "log records")
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
         """Write the batch; a failure to write loses the batch and is reported as a failure."""
-        try:
-            _append_line(self._path, orjson.dumps(encode_logs_json(batch)) + b"\n", self._lock)
-        except OSError:
-            return LogRecordExportResult.FAILURE
-        return LogRecordExportResult.SUCCESS
+        if self._file.append(_json_line(encode_logs_json(batch)) + b"\n", len(batch)):
+            return LogRecordExportResult.SUCCESS
+        return LogRecordExportResult.FAILURE
 
     def shutdown(self) -> None:
         """Nothing to release: the file is opened per batch."""

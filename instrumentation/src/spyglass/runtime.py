@@ -216,15 +216,9 @@ def _detect_role() -> str:
 
 
 def _setup_metrics(settings: Settings, role: str) -> tuple[str | None, ExemplarFile | None]:
-    directory = settings.metrics_dir
-    if role == "master":
-        directory = multiprocess.prepare_directory(directory or multiprocess.default_directory(settings.service_name))
-        # Workers inherit the variables and read the directory from them.
-        os.environ["SPYGLASS_METRICS_DIR"] = directory
+    # A directory that cannot be used falls back to another one, or to memory (logged, counted).
+    directory = multiprocess.open_directory(settings.metrics_dir, settings.service_name, role)
     if directory:
-        if not os.path.isdir(directory):
-            multiprocess.prepare_directory(directory)
-        multiprocess.enable(directory)
         # The master records no request, so it keeps no exemplars of its own.
         return directory, None if role == "master" else ExemplarFile(directory)
     return None, None
@@ -233,14 +227,17 @@ def _setup_metrics(settings: Settings, role: str) -> tuple[str | None, ExemplarF
 def _serving_registry(state: Telemetry) -> CollectorRegistry:
     settings, directory = state.settings, state.metrics_dir
     resource_info = ResourceInfoCollector(_resource_labels(settings), __version__)
+    store_health = multiprocess.StoreHealthCollector()
     if directory is None:
         REGISTRY.register(resource_info)
-        state._extra_collectors.append(resource_info)
+        REGISTRY.register(store_health)
+        state._extra_collectors += [resource_info, store_health]
         return REGISTRY
     registry = CollectorRegistry()
     registry.register(MultiProcessExemplarCollector(directory))
     registry.register(ProcessTreeCollector())
     registry.register(resource_info)
+    registry.register(store_health)
     PlatformCollector(registry=registry)
     return registry
 

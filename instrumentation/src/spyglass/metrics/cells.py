@@ -14,6 +14,11 @@ new label set at the same moment) lose no update. spyglass's metric helpers reac
 child they record through :func:`cell_of` only; the library's own ``inc`` would not take that lock.
 In single-process mode the library's value object is already a float behind a lock, and is used
 as it is.
+
+No write raises into the application. A series the metrics directory has no room for is
+represented by :data:`DROPPED`, which counts each update it receives as dropped (see
+:mod:`spyglass.metrics.multiprocess`); a cell that cannot move to its process's own file after a
+fork drops its updates the same way until the file can be opened.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import Any, Protocol
 
 from prometheus_client.samples import Exemplar
 
+from spyglass.metrics.multiprocess import store
 from spyglass.process_hooks import call_after_fork_in_child
 
-__all__ = ["Cell", "MmapCell", "cell_of", "fork_generation"]
+__all__ = ["DROPPED", "Cell", "DroppedCell", "MmapCell", "cell_of", "fork_generation"]
 
 _VALUE = struct.Struct("dd")  # value and timestamp, as prometheus_client's files hold them
 _PACK_VALUE = _VALUE.pack
@@ -73,13 +79,14 @@ class MmapCell:
         self._bind()
 
     def _bind(self) -> None:
-        self._generation = fork_generation()
+        generation = fork_generation()
         source = self._source
         source.get()  # after a fork, prometheus_client reopens its files for this process here
         mapped_file = source._file
         mapped_file.read_value(source._key)  # allocates the value's entry if it is new
         self._file = mapped_file
         self._position = mapped_file._positions[source._key]
+        self._generation = generation  # last: a bind that failed is tried again
 
     def inc(self, amount: float) -> None:
         """Add ``amount``."""
@@ -90,10 +97,11 @@ class MmapCell:
         self._write(float(value), False)
 
     def _write(self, value: float, add: bool) -> None:
+        if self._generation != _generation and not self._bind_after_fork():
+            store.dropped()
+            return
         _lock.acquire()
         try:
-            if self._generation != _generation:
-                self._bind()
             position = self._position
             mapped = self._file._m
             if add:
@@ -103,8 +111,46 @@ class MmapCell:
         finally:
             _lock.release()
 
+    def _bind_after_fork(self) -> bool:
+        """Move to this process's own file; False (reported, outside the lock) when it cannot be opened."""
+        if not store.accepting():
+            return False
+        failure: Exception | None = None
+        with _lock:
+            if self._generation == _generation:
+                return True
+            try:
+                self._bind()
+            except Exception as exc:  # a file that cannot be opened is never the application's problem
+                failure = exc
+        if failure is None:
+            return True
+        store.failed(failure)
+        return False
+
     def set_exemplar(self, exemplar: Exemplar) -> None:
         """Exemplars of multi-process values live in spyglass's exemplar file, not here."""
+
+
+class DroppedCell:
+    """Stands for a series that could not be stored: counts every update it receives as dropped."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float) -> None:
+        """Count one dropped update."""
+        store.dropped()
+
+    def set(self, value: float) -> None:
+        """Count one dropped update."""
+        store.dropped()
+
+    def set_exemplar(self, exemplar: Exemplar) -> None:
+        """Nothing to keep."""
+
+
+DROPPED = DroppedCell()
+"""The cell of every series that could not be stored."""
 
 
 def cell_of(value: Any) -> Cell:

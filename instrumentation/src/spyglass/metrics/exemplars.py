@@ -7,6 +7,11 @@ the newest exemplar of each bucket, across all processes, to the merged histogra
 
 A record is guarded by a sequence number (odd while being written), so a scrape that reads a
 record mid-write skips it instead of pairing one request's trace id with another's value.
+
+The file's pages are reserved on disk before they are mapped (a sparse file on a full disk would
+kill the process with ``SIGBUS``). When the directory has no room, the exemplars of buckets the
+file already holds keep being updated; new buckets get none until there is room again (the
+outage is reported once, see :mod:`spyglass.metrics.multiprocess`). Recording never raises.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
+from spyglass.metrics.multiprocess import reserve, reserve_holes, store
 from spyglass.process_hooks import call_after_fork_in_child
 
 __all__ = [
@@ -84,13 +90,21 @@ class ExemplarFile:
 
     def _open(self) -> None:
         process_id = self._process_id or str(os.getpid())
-        self._file = open(_file_name(self._directory, process_id), "a+b")  # noqa: SIM115 - lives with the process
-        size = os.fstat(self._file.fileno()).st_size
-        if size == 0:
-            self._file.truncate(_INITIAL_SIZE)
-            size = _INITIAL_SIZE
+        handle = open(_file_name(self._directory, process_id), "a+b")  # noqa: SIM115 - lives with the process
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                reserve(handle.fileno(), 0, _INITIAL_SIZE)
+                size = _INITIAL_SIZE
+            else:
+                reserve_holes(handle.fileno())
+            mapped = mmap.mmap(handle.fileno(), size)
+        except BaseException:
+            handle.close()
+            raise
+        self._file = handle
         self._capacity = size
-        self._map = mmap.mmap(self._file.fileno(), size)
+        self._map = mapped
         used = _USED.unpack_from(self._map, 0)[0]
         self._used = used if used else _USED.size
         if not used:
@@ -104,10 +118,13 @@ class ExemplarFile:
         padded = encoded + b" " * ((8 - (len(encoded) + _KEY_LEN.size) % 8) % 8)
         entry = _KEY_LEN.pack(len(encoded)) + padded + b"\0" * _RECORD_SIZE
         assert self._map is not None and self._file is not None
-        while self._used + len(entry) > self._capacity:
-            self._capacity *= 2
-            self._file.truncate(self._capacity)
-            self._map = mmap.mmap(self._file.fileno(), self._capacity)
+        if self._used + len(entry) > self._capacity:
+            capacity = self._capacity
+            while self._used + len(entry) > capacity:
+                capacity *= 2
+            reserve(self._file.fileno(), self._capacity, capacity - self._capacity)
+            self._map = mmap.mmap(self._file.fileno(), capacity)
+            self._capacity = capacity
         start = self._used
         self._map[start : start + len(entry)] = entry
         self._used += len(entry)
@@ -125,22 +142,29 @@ class ExemplarFile:
         trace_id: bytes,
         span_id: bytes,
     ) -> None:
-        """Keep ``value`` with its trace and span ids as the exemplar of its bucket."""
+        """Keep ``value`` with its trace and span ids as the exemplar of its bucket (skipped if there is no room)."""
         index = bisect_left(bounds, value)
         cache_key = (family, series, index)
+        failure: OSError | None = None
         lock = self._lock
         lock.acquire()
         try:
-            if self._map is None:  # not opened yet, or forgotten after a fork (see _after_fork_in_child)
-                self._open()
             position = self._positions.get(cache_key)
             if position is None:
+                if not store.accepting():
+                    return
+                if self._map is None:  # not opened yet, or forgotten after a fork (see _after_fork_in_child)
+                    self._open()
                 labels = list(zip(labelnames, series, strict=True))
                 labels.append(("le", floatToGoString(bounds[index])))
                 position = self._positions[cache_key] = self._allocate(exemplar_key(family, labels))
             self._write(position, value, timestamp, trace_id, span_id)
+        except OSError as exc:
+            failure = exc
         finally:
             lock.release()
+        if failure is not None:
+            store.failed(failure)
 
     def _write(self, position: int, value: float, timestamp: float, trace_id: bytes, span_id: bytes) -> None:
         assert self._map is not None

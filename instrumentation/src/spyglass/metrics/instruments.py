@@ -3,6 +3,12 @@
 The helpers cache labelled children so that the hot path of a request is a dict look-up and one
 observation, and record exemplars natively in a single process or through
 :class:`~spyglass.metrics.exemplars.ExemplarFile` in multi-process mode.
+
+Recording never raises into the application. In multi-process mode a new series needs room in
+the metrics directory: when there is none (disk full, see :mod:`spyglass.metrics.multiprocess`)
+the series is not created, each update it would have received is counted in
+``spyglass_metrics_store_dropped_updates_total``, and it is created on a later update once there
+is room again. Series created before keep being recorded.
 """
 
 from __future__ import annotations
@@ -11,13 +17,15 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections.abc import Callable
+from typing import TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.samples import Exemplar
 
 from spyglass.catalog import MetricSpec, by_name
-from spyglass.metrics.cells import Cell, cell_of
+from spyglass.metrics.cells import DROPPED, Cell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile
+from spyglass.metrics.multiprocess import store
 
 __all__ = [
     "CeleryMetrics",
@@ -43,17 +51,50 @@ def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counte
     raise ValueError(f"{spec.name}: {spec.type} metrics are produced by collectors, not built")
 
 
+_T = TypeVar("_T")
+
+
+def _stored(create: Callable[[], _T]) -> _T | None:
+    """``create()``, which stores a new series; ``None`` when the metrics directory cannot take it.
+
+    During an outage it is not even tried (the directory is checked for room every few seconds).
+    The caller counts the update it drops.
+    """
+    if not store.accepting():
+        return None
+    try:
+        return create()
+    except OSError as exc:
+        if not store.failing:  # not already reported by the value file that failed
+            store.failed(exc)
+        return None
+    finally:
+        store.report()
+
+
 class _Registered:
     """Keeps the metrics it creates so that they can be unregistered again."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self._registry = registry
         self._created: list = []
+        self._cells: dict[tuple, Cell] = {}
 
     def _build(self, name: str):
         metric = build_metric(by_name(name), self._registry)
         self._created.append(metric)
         return metric
+
+    def _cell(self, metric: Counter | Gauge, *labels: str) -> Cell:
+        """The cell of one labelled series (:data:`~spyglass.metrics.cells.DROPPED` if it cannot be stored)."""
+        key = (id(metric), *labels)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = _stored(lambda: _value_of(metric.labels(*labels)))
+            if cell is None:
+                return DROPPED
+            self._cells[key] = cell
+        return cell
 
     def unregister(self) -> None:
         """Remove the metrics from their registry (used when spyglass shuts down)."""
@@ -84,7 +125,9 @@ class HttpServerMetrics(_Registered):
         """The in-flight count for ``method``: call ``inc(1)`` when a request starts, ``inc(-1)`` when it ends."""
         value = self._active_children.get(method)
         if value is None:
-            value = self._active_children[method] = _value_of(self._active.labels(method))
+            value = self._cell(self._active, method)
+            if value is not DROPPED:
+                self._active_children[method] = value
         return value
 
     def observe(
@@ -100,9 +143,20 @@ class HttpServerMetrics(_Registered):
         series = (method, route, status)
         child = self._children.get(series)
         if child is None:
-            child = self._children[series] = _FastHistogram(
-                self._duration.labels(*series), self._family, series, self._labelnames, self._bounds, self._exemplars
+            child = _stored(
+                lambda: _FastHistogram(
+                    self._duration.labels(*series),
+                    self._family,
+                    series,
+                    self._labelnames,
+                    self._bounds,
+                    self._exemplars,
+                )
             )
+            if child is None:
+                store.dropped()
+                return
+            self._children[series] = child
         child.observe(seconds, trace_id, span_id)
 
 
@@ -129,15 +183,8 @@ class CeleryMetrics(_Registered):
             id(self._runtime): "celery_task_runtime_seconds",
             id(self._queue_wait): "celery_task_queue_wait_seconds",
         }
-        self._values: dict[tuple, Cell] = {}
         self._histograms: dict[tuple, _FastHistogram] = {}
-
-    def _value(self, metric: Counter | Gauge, *labels: str) -> Cell:
-        key = (id(metric), *labels)
-        value = self._values.get(key)
-        if value is None:
-            value = self._values[key] = _value_of(metric.labels(*labels))
-        return value
+        self._value = self._cell
 
     def _observe(
         self, metric: Histogram, task_name: str, queue: str, seconds: float, trace_id: str, span_id: str
@@ -146,9 +193,20 @@ class CeleryMetrics(_Registered):
         histogram = self._histograms.get(key)
         if histogram is None:
             series = (task_name, queue)
-            histogram = self._histograms[key] = _FastHistogram(
-                metric.labels(*series), self._family_of[id(metric)], series, _TASK_LABELS, self._bounds, self._exemplars
+            histogram = _stored(
+                lambda: _FastHistogram(
+                    metric.labels(*series),
+                    self._family_of[id(metric)],
+                    series,
+                    _TASK_LABELS,
+                    self._bounds,
+                    self._exemplars,
+                )
             )
+            if histogram is None:
+                store.dropped()
+                return
+            self._histograms[key] = histogram
         histogram.observe(seconds, trace_id, span_id)
 
     def published(self, task_name: str, queue: str) -> None:
@@ -218,25 +276,28 @@ class DatabaseMetrics(_Registered):
         }
         self._n_plus_one_requests = self._build("spyglass_db_n_plus_one_requests_total")
         self._n_plus_one_tasks = self._build("spyglass_db_n_plus_one_tasks_total")
-        self._histograms: dict[tuple, _FastHistogram] = {}
-        self._values: dict[tuple, Cell] = {}
+        self._histograms: dict[tuple, _FastHistogram | _DroppedHistogram] = {}
+        self._counter = self._cell
 
-    def _histogram(self, metric: Histogram, *series: str) -> _FastHistogram:
+    def _histogram(self, metric: Histogram, *series: str) -> _FastHistogram | _DroppedHistogram:
         key = (id(metric), *series)
         histogram = self._histograms.get(key)
         if histogram is None:
             spec = self._specs[id(metric)]
-            histogram = self._histograms[key] = _FastHistogram(
-                metric.labels(*series), spec.name, series, spec.labels, (*spec.buckets, float("inf")), self._exemplars
+            histogram = _stored(
+                lambda: _FastHistogram(
+                    metric.labels(*series),
+                    spec.name,
+                    series,
+                    spec.labels,
+                    (*spec.buckets, float("inf")),
+                    self._exemplars,
+                )
             )
+            if histogram is None:
+                return _DROPPED_HISTOGRAM
+            self._histograms[key] = histogram
         return histogram
-
-    def _counter(self, metric: Counter, *labels: str) -> Cell:
-        key = (id(metric), *labels)
-        value = self._values.get(key)
-        if value is None:
-            value = self._values[key] = _value_of(metric.labels(*labels))
-        return value
 
     def operation(
         self,
@@ -274,6 +335,17 @@ def _value_of(child: Counter | Gauge) -> Cell:
     if value is None:  # pragma: no cover - guards a prometheus_client upgrade
         raise TypeError("this prometheus_client version hides its metric values from spyglass")
     return cell_of(value)
+
+
+class _DroppedHistogram:
+    """Stands for a histogram series that could not be stored: counts each observation as dropped."""
+
+    def observe(self, seconds: float, trace_id: str = "", span_id: str = "") -> None:
+        """Count one dropped update."""
+        store.dropped()
+
+
+_DROPPED_HISTOGRAM = _DroppedHistogram()
 
 
 class _FastHistogram:
@@ -342,11 +414,11 @@ class LogPipelineMetrics(_Registered):
 
     def dropped(self, count: int, error_type: str) -> None:
         """Lines dropped before export."""
-        self._processed.labels(error_type).inc(count)
+        self._cell(self._processed, error_type).inc(count)
 
     def exported(self, count: int, error_type: str = "") -> None:
         """Records the exporter delivered (``error_type`` empty) or lost (``error_type`` set)."""
-        self._exported.labels(error_type).inc(count)
+        self._cell(self._exported, error_type).inc(count)
 
 
 class SpanPipelineMetrics(_Registered):
@@ -359,27 +431,22 @@ class SpanPipelineMetrics(_Registered):
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         super().__init__(registry)
-        processed = self._build("otel_sdk_processor_span_processed_total")
-        exported = self._build("otel_sdk_exporter_span_exported_total")
-        self._processed_ok = processed.labels("")
-        self._processed = processed
-        self._exported_ok = exported.labels("")
-        self._exported = exported
+        self._processed = self._build("otel_sdk_processor_span_processed_total")
+        self._exported = self._build("otel_sdk_exporter_span_exported_total")
+        self._cell(self._processed, "")  # the series every export updates exist from the start
+        self._cell(self._exported, "")
 
     def register_queue_size(self, get_queue_size: Callable[[], int]) -> None:
         """Part of the SDK interface; the queue size is not exported (it is a per-process value)."""
 
     def finish_items(self, count: int) -> None:
         """Spans taken from the queue and handed to the exporter."""
-        self._processed_ok.inc(count)
+        self._cell(self._processed, "").inc(count)
 
     def drop_items(self, count: int, error_type: str = "queue_full") -> None:
         """Spans dropped by the processor (queue full, or ended after shutdown)."""
-        self._processed.labels(error_type).inc(count)
+        self._cell(self._processed, error_type).inc(count)
 
     def exported(self, count: int, error_type: str = "") -> None:
         """Spans the exporter delivered (``error_type`` empty) or lost (``error_type`` set)."""
-        if error_type:
-            self._exported.labels(error_type).inc(count)
-        else:
-            self._exported_ok.inc(count)
+        self._cell(self._exported, error_type).inc(count)
