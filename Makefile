@@ -70,8 +70,8 @@ demo: $(STAMP) system-deps
 stack-env:
 	@if [ -f .env ]; then echo ".env exists: keeping it"; else \
 		secret() { $(PYTHON) -c 'import secrets; print(secrets.token_hex(16))'; }; \
-		sed -e "s/^GRAFANA_ADMIN_PASSWORD=.*/GRAFANA_ADMIN_PASSWORD=$$(secret)/" \
-		    -e "s/^DEMO_ADMIN_TOKEN=.*/DEMO_ADMIN_TOKEN=$$(secret)/" .env.example > .env && \
+		(umask 077 && sed -e "s/^GRAFANA_ADMIN_PASSWORD=.*/GRAFANA_ADMIN_PASSWORD=$$(secret)/" \
+		    -e "s/^DEMO_ADMIN_TOKEN=.*/DEMO_ADMIN_TOKEN=$$(secret)/" .env.example > .env) && \
 		chmod 600 .env && echo "wrote .env with a generated Grafana admin password and demo admin token"; fi
 
 stack: stack-env

@@ -1,4 +1,7 @@
-"""The database: one engine per process, sessions, and the schema created and seeded on first start.
+"""The database: one engine per process, sessions, the schema created and seeded on first start.
+
+Records kept once per idempotency key (the payment provider's and mail service's stand-ins) are
+written with :func:`record` and found again with :func:`replay`.
 
 SQLite (the default) gets WAL journaling and a busy timeout so that the web workers and the
 Celery pool processes can write to the same file. spyglass instruments the engine by itself
@@ -12,16 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from demo_app import settings as shop_settings
-from demo_app.models import Base, Customer, Order, OrderLine, Product
+from demo_app.models import Base, Charge, ConfirmationEmail, Customer, Order, OrderLine, Product
 
-__all__ = ["CUSTOMERS", "PRODUCTS", "engine", "ensure_schema", "session"]
+__all__ = ["CUSTOMERS", "PRODUCTS", "engine", "ensure_schema", "record", "replay", "session"]
 
 PRODUCTS = 50
 CUSTOMERS = 20
@@ -59,6 +62,36 @@ def session() -> Iterator[Session]:
         _sessions = sessionmaker(engine(), expire_on_commit=False)
     with _sessions() as current, current.begin():
         yield current
+
+
+Recorded = TypeVar("Recorded", Charge, ConfirmationEmail)
+
+
+def replay(model: type[Recorded], idempotency_key: str) -> Recorded | None:
+    """The row recorded under ``idempotency_key``, its ``replays`` counted up; ``None`` if there is none."""
+    with session() as current:  # reads first: the usual answer is none, and needs no write lock
+        if current.scalars(select(model.id).where(model.idempotency_key == idempotency_key)).first() is None:
+            return None
+        current.execute(update(model).where(model.idempotency_key == idempotency_key).values(replays=model.replays + 1))
+        return current.scalars(select(model).where(model.idempotency_key == idempotency_key)).one()
+
+
+def record(model: type[Recorded], idempotency_key: str, **values: Any) -> tuple[Recorded, bool]:
+    """Insert a row under ``idempotency_key``; returns it and whether this call created it.
+
+    If a concurrent request recorded one under the key first, returns that row (its ``replays``
+    counted up) and ``False``.
+    """
+    try:
+        with session() as current:
+            row = model(idempotency_key=idempotency_key, **values)
+            current.add(row)
+        return row, True
+    except IntegrityError:
+        winner = replay(model, idempotency_key)
+        if winner is None:  # not a clash on the key
+            raise
+        return winner, False
 
 
 def ensure_schema() -> None:

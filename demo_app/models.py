@@ -1,4 +1,9 @@
-"""The shop's tables: customers, products, orders and their lines (SQLAlchemy 2 declarative)."""
+"""The shop's tables (SQLAlchemy 2 declarative): customers, products, orders and their lines.
+
+Also the records of the two outside services the order chain calls, the payment provider's charges
+and the confirmation e-mails sent, each kept under its idempotency key so that a task run twice (a
+message delivered again after a worker died) charges and mails once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,17 @@ from datetime import UTC, datetime
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["ORDER_STATUSES", "Base", "Customer", "Order", "OrderLine", "Product", "utcnow"]
+__all__ = [
+    "ORDER_STATUSES",
+    "Base",
+    "Charge",
+    "ConfirmationEmail",
+    "Customer",
+    "Order",
+    "OrderLine",
+    "Product",
+    "utcnow",
+]
 
 ORDER_STATUSES = ("pending", "reserved", "paid", "confirmed", "failed")
 
@@ -69,3 +84,31 @@ class OrderLine(Base):
     price_cents: Mapped[int]
     order: Mapped[Order] = relationship(back_populates="lines")
     product: Mapped[Product] = relationship()
+
+
+class Charge(Base):
+    """A charge the payment provider made (its side of the ledger), once per idempotency key.
+
+    A request that repeats a key gets the recorded charge back instead of a new one (``replays``
+    counts them), the way real providers treat an ``Idempotency-Key`` header.
+    """
+
+    __tablename__ = "payment_charges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    order_id: Mapped[int] = mapped_column(index=True)
+    charge_id: Mapped[str] = mapped_column(String(64))
+    amount_cents: Mapped[int]
+    replays: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConfirmationEmail(Base):
+    """A confirmation e-mail the mail service sent, once per idempotency key (``replays``: repeats absorbed)."""
+
+    __tablename__ = "confirmation_emails"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    order_id: Mapped[int] = mapped_column(index=True)
+    replays: Mapped[int] = mapped_column(default=0)
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)

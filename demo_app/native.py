@@ -16,7 +16,7 @@ then drives load (:mod:`demo_app.load`), prints where to look, and runs until Ct
 Ports come from the environment: ``DEMO_APP_PORT`` (8000), ``SPYGLASS_METRICS_PORT`` (9464, the
 web's metrics; the worker's and beat's are ``DEMO_WORKER_METRICS_PORT`` 9465 and
 ``DEMO_BEAT_METRICS_PORT`` 9466), ``DEMO_PROMETHEUS_PORT`` (9090), ``DEMO_ALERTMANAGER_PORT``
-(9093), ``DEMO_ALERT_SINK_PORT`` (9095); files go under ``DEMO_VAR_DIR`` (``var/``): traces and
+(9093), ``DEMO_ALERT_SINK_PORT`` (9095), all different; files go under ``DEMO_VAR_DIR`` (``var/``): traces and
 logs as OTLP JSON lines in ``var/otlp/`` (what a Collector's ``otlpjsonfile`` receiver reads), each
 process's output in ``var/demo/<name>.log``; ``DEMO_RATE`` sets the load in requests per
 second (10; 0 for none). ``DEMO_ADMIN_TOKEN`` is the fault switches' token (a random one is
@@ -88,7 +88,7 @@ class Ports:
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> Ports:
-        """Read the ports, each from its variable or its default."""
+        """Read the ports, each from its variable or its default; two services on one port are refused."""
         env = os.environ if env is None else env
 
         def port(name: str, default: int) -> int:
@@ -97,7 +97,14 @@ class Ports:
                 raise SystemExit(f"{name}={raw!r} is not a port number")
             return int(raw)
 
-        return cls(**{field: port(name, default) for name, (field, default) in PORT_VARIABLES.items()})
+        ports = {name: port(name, default) for name, (_field, default) in PORT_VARIABLES.items()}
+        by_port: dict[int, list[str]] = {}
+        for name, number in ports.items():
+            by_port.setdefault(number, []).append(name)
+        clashes = [f"{' and '.join(names)} are all {number}" for number, names in by_port.items() if len(names) > 1]
+        if clashes:
+            raise SystemExit(f"two services cannot share a port: {'; '.join(clashes)}")
+        return cls(**{PORT_VARIABLES[name][0]: number for name, number in ports.items()})
 
     def named(self) -> dict[str, int]:
         """Each port under the variable that sets it."""
@@ -139,7 +146,7 @@ class DemoOptions:
             ports=Ports.from_environment(env),
             var_root=Path(env.get("DEMO_VAR_DIR") or REPO / "var"),
             redis_url=env.get("DEMO_REDIS_URL") or DEFAULT_REDIS_URL,
-            admin_token=env.get("DEMO_ADMIN_TOKEN") or secrets.token_urlsafe(16),
+            admin_token=env.get("DEMO_ADMIN_TOKEN", "").strip() or secrets.token_urlsafe(16),
             alert_profile=profile,
         )
 

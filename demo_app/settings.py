@@ -14,6 +14,15 @@
 | ``DEMO_PUBLISH_TIMEOUT`` | ``2.0`` | Seconds an order may wait for the broker before the API answers 503 |
 | ``DEMO_MAINTENANCE_INTERVAL`` | ``60`` | Seconds between two runs of the maintenance task (beat) |
 | ``DEMO_TASK_TIME_LIMIT`` | ``300`` | Seconds a task may run before its pool process is killed (at least 1) |
+| ``DEMO_VISIBILITY_TIMEOUT`` | ``3600`` (kombu's) | Redis broker: seconds until a dead worker's messages return |
+| ``DEMO_MAX_TASKS_PER_CHILD`` | ``0`` (never) | Tasks a pool process runs before it is replaced by a fresh one |
+
+A worker that dies (SIGKILL, OOM, lost host) leaves its unacknowledged messages behind. RabbitMQ
+(``CELERY_BROKER_URL=amqp://...``) hands them out again as soon as the connection drops. Redis has
+no such thing: kombu hides each delivered message for ``DEMO_VISIBILITY_TIMEOUT`` seconds and puts
+it back only after that. A short timeout brings orders back quickly, but a message still held by a
+live worker when it passes (a long task, a prefetched message, a retry's countdown) is delivered a
+second time; the shop's tasks are idempotent, so that costs work, never a second charge.
 
 The fault switches (``DEMO_FAULT_*``) are described in :mod:`demo_app.faults`.
 """
@@ -24,6 +33,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 __all__ = ["SettingsError", "ShopSettings", "current", "load"]
 
@@ -50,6 +60,24 @@ class ShopSettings:
     publish_timeout_s: float
     maintenance_interval_s: float
     task_time_limit_s: float
+    visibility_timeout_s: float | None
+    max_tasks_per_child: int
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        """The broker transport options: socket timeouts, and the Redis visibility timeout if set.
+
+        kombu looks for messages to restore every 100 s by default (10 s, scanning every tenth
+        time); with a timeout set it scans every tenth of it (1 to 10 s), so a dead worker's
+        messages come back soon after the timeout.
+        """
+        options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
+        if self.visibility_timeout_s:
+            options.update(
+                visibility_timeout=self.visibility_timeout_s,
+                unacked_restore_interval=min(10.0, max(1.0, self.visibility_timeout_s / 10)),
+                unacked_restore_throttle=1,
+            )
+        return options
 
 
 def _number(env: dict[str, str] | os._Environ, name: str, default: float, minimum: float = 0.0) -> float:
@@ -81,7 +109,7 @@ def load(env: dict[str, str] | None = None) -> ShopSettings:
         redis_url=redis_url,
         broker_url=env.get("CELERY_BROKER_URL") or redis_url,
         result_backend=env.get("CELERY_RESULT_BACKEND") or redis_url,
-        admin_token=env.get("DEMO_ADMIN_TOKEN") or None,
+        admin_token=env.get("DEMO_ADMIN_TOKEN", "").strip() or None,  # blank: the endpoint stays off
         cache_ttl_s=_number(env, "DEMO_CACHE_TTL", 30.0),
         payment_latency_ms=_number(env, "DEMO_PAYMENT_LATENCY_MS", 120.0),
         payment_max_retries=int(_number(env, "DEMO_PAYMENT_MAX_RETRIES", 4)),
@@ -89,6 +117,8 @@ def load(env: dict[str, str] | None = None) -> ShopSettings:
         publish_timeout_s=_number(env, "DEMO_PUBLISH_TIMEOUT", 2.0, minimum=0.1),
         maintenance_interval_s=_number(env, "DEMO_MAINTENANCE_INTERVAL", 60.0, minimum=1.0),
         task_time_limit_s=_number(env, "DEMO_TASK_TIME_LIMIT", 300.0, minimum=1.0),
+        visibility_timeout_s=_number(env, "DEMO_VISIBILITY_TIMEOUT", 0.0, minimum=1.0) or None,
+        max_tasks_per_child=int(_number(env, "DEMO_MAX_TASKS_PER_CHILD", 0)),
     )
 
 

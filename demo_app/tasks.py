@@ -11,6 +11,14 @@ import alone.
   (the chord's callback), queue ``reports``.
 - ``shop.maintenance`` (beat, every minute, queue ``maintenance``): expires orders stuck before
   payment and restocks products running low.
+
+Messages are acknowledged after the task ran (``task_acks_late``) and given back to the broker when
+the pool process running them dies (``task_reject_on_worker_lost``), so a task may run twice, even
+twice at once (a chain step that published its successor just before its worker died). Each step
+is therefore idempotent: an order moves from one status to the next with a conditional update that
+only one run can win, stock is taken and given back only by the run that moved the status, and the
+payment provider and the mail service record each charge and e-mail under the order's idempotency
+key (:mod:`demo_app.payment`), so a repeated run gets the recorded one back.
 """
 
 import spyglass.auto  # noqa: F401,I001 - first: instruments Celery, SQLAlchemy and logging
@@ -27,11 +35,12 @@ from celery.signals import worker_process_init, worker_ready
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import selectinload
 
-from demo_app import cache, db, faults, payment
+from demo_app import broker, cache, db, faults, payment
 from demo_app import settings as shop_settings
-from demo_app.models import Order, OrderLine, Product, utcnow
+from demo_app.models import ConfirmationEmail, Order, OrderLine, Product, utcnow
 
 __all__ = [
+    "WORKER_PUBLISH_RETRY_POLICY",
     "OutOfStock",
     "app",
     "charge_payment",
@@ -51,6 +60,10 @@ ORDER_EXPIRY = timedelta(minutes=10)
 LOW_STOCK = 20
 RESTOCK = 200
 REPORT_SLICES = 5
+# A chain step's successor (and a retry) is published from the worker after the step ran: with the
+# broker down, keep trying for about a minute (0.5, 1, 1.5, then every 2 s) rather than drop the
+# order between two steps. The web passes its own short policy: it must answer 503 at once.
+WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
 
 
 class ShopTask(Task):
@@ -66,6 +79,7 @@ class ShopTask(Task):
 app = Celery("shop", task_cls=ShopTask)
 app.conf.update(
     broker_url=_settings.broker_url,
+    broker_transport=broker.transport_for(_settings.broker_url),
     result_backend=_settings.result_backend,
     result_expires=3600,
     task_default_queue="orders",
@@ -80,11 +94,13 @@ app.conf.update(
     task_time_limit=_settings.task_time_limit_s,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=4,
+    task_publish_retry_policy=WORKER_PUBLISH_RETRY_POLICY,
     broker_connection_timeout=_settings.publish_timeout_s,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"socket_connect_timeout": 1.0, "socket_timeout": 5.0},
+    broker_transport_options=_settings.broker_transport_options(),
     redis_socket_connect_timeout=1.0,
     redis_socket_timeout=5.0,
+    worker_max_tasks_per_child=_settings.max_tasks_per_child or None,
 )
 
 
@@ -119,18 +135,31 @@ def sales_report(product_ids: list[int]) -> Any:
 
 
 def fail_order(order_id: int, reason: str) -> None:
-    """Mark an order failed and give back the stock it had reserved."""
+    """Mark an order failed and give back the stock it had reserved.
+
+    Only an order not yet charged (pending or reserved) can fail; of two runs failing the same
+    order at once, only the one that changes its status gives the stock back.
+    """
     with db.session() as session:
         order = session.get(Order, order_id, options=[selectinload(Order.lines)])
-        if order is None or order.status in ("failed", "confirmed"):
+        if order is None or order.status not in ("pending", "reserved"):
             return
-        if order.status in ("reserved", "paid"):
+        reserved = order.status == "reserved"
+        failed = session.execute(
+            update(Order)
+            .where(Order.id == order_id, Order.status == order.status)
+            .values(status="failed", failure_reason=reason[:200])
+        ).rowcount
+        if not failed:
+            return  # another run moved it on in between
+        if reserved:
             for line in order.lines:
                 session.execute(
                     update(Product).where(Product.id == line.product_id).values(stock=Product.stock + line.quantity)
                 )
-                cache.forget_product(line.product_id)
-        order.status, order.failure_reason = "failed", reason[:200]
+        products = [line.product_id for line in order.lines] if reserved else []
+    for product_id in products:
+        cache.forget_product(product_id)
     _logger.warning("order failed", extra={"order_id": order_id, "reason": reason})
 
 
@@ -145,15 +174,19 @@ def reserve_stock(order_id: int) -> int:
                 raise Ignore()
             if order.status != "pending":
                 return order_id  # a redelivered message: already reserved
+            claimed = session.execute(
+                update(Order).where(Order.id == order_id, Order.status == "pending").values(status="reserved")
+            ).rowcount
+            if not claimed:
+                return order_id  # another delivery of the message reserved it in between
             for line in order.lines:
                 taken = session.execute(
                     update(Product)
                     .where(Product.id == line.product_id, Product.stock >= line.quantity)
                     .values(stock=Product.stock - line.quantity)
                 ).rowcount
-                if not taken:
+                if not taken:  # rolls back the stock taken so far and the status
                     raise OutOfStock(f"product {line.product_id} is out of stock")
-            order.status = "reserved"
             products = [line.product_id for line in order.lines]
     except OutOfStock as exc:
         fail_order(order_id, str(exc))
@@ -165,13 +198,19 @@ def reserve_stock(order_id: int) -> int:
 
 @app.task(name="shop.charge_payment", bind=True, max_retries=None)
 def charge_payment(self: Task, order_id: int) -> int:
-    """Charge the order at the payment provider, retrying with backoff; gives up into a failed order."""
+    """Charge the order at the payment provider, retrying with backoff; gives up into a failed order.
+
+    The provider charges once per order (its idempotency key), however often this runs.
+    """
     with db.session() as session:
-        order = session.get(Order, order_id)
-        if order is None or order.status != "reserved":
-            return order_id
-        order.payment_attempts += 1
-        amount = order.total_cents
+        counted = session.execute(
+            update(Order)
+            .where(Order.id == order_id, Order.status == "reserved")
+            .values(payment_attempts=Order.payment_attempts + 1)
+        ).rowcount
+        if not counted:
+            return order_id  # unknown, failed, or charged by an earlier delivery
+        amount = session.scalars(select(Order.total_cents).where(Order.id == order_id)).one()
     try:
         charge_id = payment.charge(order_id, amount, _settings.payment_latency_ms)
     except payment.PaymentError as exc:
@@ -183,22 +222,37 @@ def charge_payment(self: Task, order_id: int) -> int:
         _logger.info("charge failed, retrying", extra={"order_id": order_id, "attempt": attempts, "in_s": countdown})
         raise self.retry(exc=exc, countdown=countdown) from exc
     with db.session() as session:
-        session.execute(update(Order).where(Order.id == order_id).values(status="paid"))
-    _logger.info("order charged", extra={"order_id": order_id, "charge_id": charge_id, "amount_cents": amount})
+        paid = session.execute(
+            update(Order).where(Order.id == order_id, Order.status == "reserved").values(status="paid")
+        ).rowcount
+    if paid:
+        _logger.info("order charged", extra={"order_id": order_id, "charge_id": charge_id, "amount_cents": amount})
     return order_id
 
 
 @app.task(name="shop.send_confirmation")
 def send_confirmation(order_id: int) -> int:
-    """Confirm the order to the customer (the e-mail is simulated)."""
+    """Confirm the order to the customer: the e-mail (simulated, once per order), then the status."""
     with db.session() as session:
         order = session.get(Order, order_id)
         if order is None or order.status != "paid":
             return order_id
-        order.status = "confirmed"
-    time.sleep(0.005)
-    _logger.info("order confirmed", extra={"order_id": order_id})
+    _send_confirmation_email(order_id)
+    with db.session() as session:
+        confirmed = session.execute(
+            update(Order).where(Order.id == order_id, Order.status == "paid").values(status="confirmed")
+        ).rowcount
+    if confirmed:
+        _logger.info("order confirmed", extra={"order_id": order_id})
     return order_id
+
+
+def _send_confirmation_email(order_id: int) -> None:
+    """The mail service's stand-in: sends (records) one e-mail per order; a repeat gets the first back."""
+    key = f"confirmation-{order_id}"
+    if db.replay(ConfirmationEmail, key) is None:
+        time.sleep(0.005)  # the mail service's latency
+        db.record(ConfirmationEmail, key, order_id=order_id)
 
 
 @app.task(name="shop.sales_for_products")

@@ -122,6 +122,8 @@ def create_app() -> Flask:
         response = _error(exc.code or 500, exc.description or exc.name)
         if exc.code == 503:
             response.headers["Retry-After"] = "5"
+        if exc.code == 401:  # RFC 6750: say which scheme the endpoint wants
+            response.headers["WWW-Authenticate"] = 'Bearer realm="shop-admin"'
         return response
 
     @app.before_request

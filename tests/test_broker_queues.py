@@ -14,7 +14,13 @@ from kombu import Connection, Exchange, Producer, Queue
 import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
-from spyglass.metrics.broker_queues import AmqpQueueProbe, BrokerQueueCollector, QueueDepth, RedisQueueProbe
+from spyglass.metrics.broker_queues import (
+    AmqpQueueProbe,
+    BrokerQueueCollector,
+    QueueDepth,
+    RedisQueueProbe,
+    probe_for,
+)
 from tests.conftest import wait_for
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -82,3 +88,27 @@ def test_a_broker_that_does_not_answer_yields_no_queue_samples_and_does_not_fail
     started = time.monotonic()
     assert list(collector.collect()) == []
     assert time.monotonic() - started < 2.0
+
+
+def test_a_custom_transport_class_is_read_as_the_broker_it_drives(redis_url: str) -> None:
+    """A worker whose broker_transport is a subclass of kombu's Redis transport (``module:Class``, as the
+    demo's hardened transport) still gets its queue depth: the probe follows the driver, not the URL's scheme.
+    """
+    app = celery.Celery("custom", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport = "demo_app.broker:Transport"
+    with app.connection_for_read() as connection:
+        url = connection.as_uri(include_password=True)
+        driver_type = connection.transport.driver_type
+    assert url.startswith("demo_app.broker:Transport://") and driver_type == "redis"
+    assert probe_for(url) is None, "the URL alone names no broker spyglass knows"
+    probe = probe_for(url, None, driver_type)
+    assert isinstance(probe, RedisQueueProbe)
+    queue = f"spyglass-depth-{uuid.uuid4().hex[:10]}"
+    client = redis.Redis.from_url(redis_url)
+    client.lpush(queue, b"{}", b"{}")
+    try:
+        assert probe.measure([queue])[queue].messages == 2
+    finally:
+        client.delete(queue)
+    assert probe_for("sqs://key@host/", None, "sqs") is None
+    app.close()

@@ -264,6 +264,16 @@ def test_native_demo_port_defaults_are_distinct() -> None:
     assert set(named) == set(PORT_VARIABLES)
 
 
+def test_native_demo_refuses_two_services_on_one_port() -> None:
+    """Setting the API port (DEMO_PORT) to the web's metrics port, or any two ports to one number, is
+    refused before anything starts, with a message naming both variables and the port.
+    """
+    web_metrics = next(name for name, (field, _default) in PORT_VARIABLES.items() if field == "web_metrics")
+    app = next(name for name, (field, _default) in PORT_VARIABLES.items() if field == "app")
+    with pytest.raises(SystemExit, match=rf"{app} and {web_metrics} are all 9464|{web_metrics} and {app} are all 9464"):
+        Ports.from_environment({app: "9464"})
+
+
 def test_spyglass_default_metrics_port_is_not_an_app_port() -> None:
     """The default metrics port of spyglass (9464, the OpenTelemetry Prometheus exporter's) is neither
     gunicorn's default port, nor `flask run`'s, nor the demo's API port, so an app started with the
@@ -521,7 +531,8 @@ def test_admin_switches_are_off_without_a_configured_token(
         assert response.status_code == 403, (headers, response.status_code, response.text)
         assert "DEMO_ADMIN_TOKEN" in response.json()["error"]
     assert stored_switches(private_redis) is None
-    assert shop_settings.load({"DEMO_ADMIN_TOKEN": ""}).admin_token is None, "an empty token must mean off"
+    for blank in ("", " ", "\t\n"):
+        assert shop_settings.load({"DEMO_ADMIN_TOKEN": blank}).admin_token is None, "a blank token must mean off"
 
 
 def wrong_credentials() -> list[dict[str, str]]:
@@ -546,9 +557,9 @@ def wrong_credentials() -> list[dict[str, str]]:
 def test_admin_switches_refuse_a_missing_or_wrong_bearer_token(
     shops: dict[str, Gunicorn], private_redis: str, method: str
 ) -> None:
-    """With DEMO_ADMIN_TOKEN configured, /admin/faults answers 401 to every request without exactly
-    `Authorization: Bearer <token>` (nor does a `?token=` query string pass), never echoes the token, and
-    a refused PUT or DELETE leaves the switches as they were.
+    """With DEMO_ADMIN_TOKEN configured, /admin/faults answers 401 with `WWW-Authenticate: Bearer` to every
+    request without exactly `Authorization: Bearer <token>` (nor does a `?token=` query string pass), never
+    echoes the token, and a refused PUT or DELETE leaves the switches as they were.
     """
     server = shops["with token"]
     before = admin(server, "PUT", bearer(ADMIN_TOKEN), json={"latency_ms": 1})
@@ -559,6 +570,7 @@ def test_admin_switches_refuse_a_missing_or_wrong_bearer_token(
         for headers in wrong_credentials():
             response = admin(server, method, headers)
             assert response.status_code == 401, (headers, response.status_code, response.text)
+            assert response.headers.get("WWW-Authenticate", "").startswith("Bearer"), response.headers
             assert ADMIN_TOKEN not in response.text
         response = admin(server, method, params={"token": ADMIN_TOKEN})
         assert response.status_code == 401

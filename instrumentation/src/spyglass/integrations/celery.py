@@ -239,7 +239,8 @@ def _serve_queue_lengths(instance: Any = None, **_extra: Any) -> None:
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
     with app.connection_for_read() as connection:
         url = connection.as_uri(include_password=True)
-    probe = probe_for(url, app.conf.broker_transport_options)
+        driver_type = getattr(connection.transport, "driver_type", None)  # no I/O: the transport object only
+    probe = probe_for(url, app.conf.broker_transport_options, driver_type)
     if probe is not None and queues:
         state.serve_collector(BrokerQueueCollector(probe, queues))
 

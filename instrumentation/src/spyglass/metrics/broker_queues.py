@@ -114,12 +114,27 @@ class AmqpQueueProbe:
         return depths
 
 
-def probe_for(url: str, transport_options: Mapping[str, Any] | None = None) -> QueueProbe | None:
-    """The probe for a broker URL, or ``None`` for a broker spyglass cannot read."""
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss"):
+_REDIS_SCHEMES = ("redis", "rediss")
+_AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def probe_for(
+    url: str, transport_options: Mapping[str, Any] | None = None, driver_type: str | None = None
+) -> QueueProbe | None:
+    """The probe for a broker URL, or ``None`` for a broker spyglass cannot read.
+
+    ``driver_type`` is kombu's name for the transport's driver (``Transport.driver_type``): a custom
+    transport class built on kombu's Redis or AMQP transport (``broker_transport="app.module:Transport"``)
+    gives a URL whose scheme is that class's path, and is read as the broker it drives.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if separator and scheme not in _REDIS_SCHEMES + _AMQP_SCHEMES and driver_type in ("redis", "amqp"):
+        scheme = driver_type
+        url = f"{scheme}://{rest}"
+    if scheme in _REDIS_SCHEMES:
         return RedisQueueProbe(url, transport_options)
-    if scheme in ("amqp", "amqps", "pyamqp"):
+    if scheme in _AMQP_SCHEMES:
         return AmqpQueueProbe(url)
     return None
 
