@@ -8,8 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,23 @@ def gunicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunico
     server = start_gunicorn(tmp_path_factory.mktemp("gunicorn"))
     yield server
     server.stop()
+
+
+def run_shop_script(script: str, *, unset: Iterable[str] = (), **env: str) -> subprocess.CompletedProcess:
+    """Run a Python snippet (dedented) against the demo shop in a fresh interpreter at the repository's
+    root: no trace export, metrics on a free port, ``env`` added and ``unset`` removed.
+    """
+    environment = clean_environment(**{"OTEL_TRACES_EXPORTER": "none", "SPYGLASS_METRICS_PORT": "0", **env})
+    for name in unset:
+        environment.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def read_spans(path: Path) -> list[dict]:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo_app.native import PORT_VARIABLES
-from tests.conftest import REPO, clean_environment, free_port, read_spans, wait_for
+from tests.conftest import REPO, clean_environment, free_port, read_spans, run_shop_script, wait_for
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_RETRIES = 2
@@ -510,21 +509,9 @@ def test_every_log_line_of_web_and_worker_is_json_with_the_service_name(demo: De
         assert {record.get("service.name") for record in records} == {service}
 
 
-def _run_shop_script(script: str, **env: str) -> subprocess.CompletedProcess:
-    environment = clean_environment(**{"OTEL_TRACES_EXPORTER": "none", "SPYGLASS_METRICS_PORT": "0", **env})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_a_broker_that_is_down_gets_a_quick_503_and_the_order_is_kept_as_failed(tmp_path: Path, redis_url: str) -> None:
     """No broker: POST /orders answers 503 with Retry-After within 3 s; the order is recorded as not queued."""
-    result = _run_shop_script(
+    result = run_shop_script(
         """
         import json, time
         from demo_app.web import app
@@ -558,7 +545,7 @@ def test_the_shop_runs_on_postgresql_when_database_url_points_there(tmp_path: Pa
         connection.execute(f'CREATE DATABASE "{name}"')
     try:
         database_url = admin_url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{name}"
-        result = _run_shop_script(
+        result = run_shop_script(
             """
             import json
             from demo_app.web import app
@@ -618,7 +605,7 @@ def test_fault_switch_defaults_come_from_the_environment_and_bad_values_are_refu
 
 def test_with_redis_down_products_come_from_the_database_and_fault_switches_answer_503(tmp_path: Path) -> None:
     """Cache down: product reads still answer 200 (X-Cache: error); the admin endpoint says 503, not 500."""
-    result = _run_shop_script(
+    result = run_shop_script(
         """
         import json
         from demo_app.web import app

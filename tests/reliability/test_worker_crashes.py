@@ -37,8 +37,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -54,7 +52,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo_app.native import PORT_VARIABLES, DemoOptions, NativeDemo, Ports
-from tests.conftest import REPO, clean_environment, free_port, wait_for
+from tests.conftest import clean_environment, free_port, run_shop_script, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(20 * 60)]
 
@@ -682,23 +680,15 @@ def test_the_metrics_directory_stays_small_however_many_pool_processes_lived(rab
 # The idempotency the promises rest on, shown directly
 
 
-def _run_shop_script(script: str, tmp_path: Path, redis_url: str) -> dict:
-    environment = clean_environment(
-        OTEL_TRACES_EXPORTER="none",
-        SPYGLASS_METRICS_PORT="0",
+def _shop_script_result(script: str, tmp_path: Path, redis_url: str) -> dict:
+    """What a snippet run against a fresh SQLite shop printed after ``RESULT ``."""
+    result = run_shop_script(
+        script,
+        unset=["DATABASE_URL"],
         DEMO_VAR_DIR=str(tmp_path),
         DEMO_REDIS_URL=redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}",
         DEMO_PAYMENT_FAILURE_RATE="0",
         DEMO_PAYMENT_LATENCY_MS="0",
-    )
-    environment.pop("DATABASE_URL", None)
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT ")), None)
     assert line, result.stdout[-2000:] + result.stderr[-2000:]
@@ -712,7 +702,7 @@ def test_a_charge_task_run_again_after_its_worker_died_past_the_charge_does_not_
     back and charge_payment runs again: the provider returns the recorded charge (same id), the
     order is paid, and the ledger holds one charge for it.
     """
-    result = _run_shop_script(
+    result = _shop_script_result(
         """
         import json
         from sqlalchemy import select
@@ -748,7 +738,7 @@ def test_a_chain_step_run_twice_takes_stock_and_sends_the_e_mail_once(tmp_path: 
     """Each step of the order chain run a second time after it completed (a message delivered again)
     changes nothing: the stock is taken once, the order stays confirmed, one e-mail is recorded.
     """
-    result = _run_shop_script(
+    result = _shop_script_result(
         """
         import json
         from sqlalchemy import select
