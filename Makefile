@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# Debian packages the tests and the native demo run (binary:package).
+# Debian packages the tests and the native demo run (binary:package); wrk loads gunicorn in the benchmark tests.
 SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
-	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server
+	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server wrk:wrk node:nodejs npm:npm
 
-.PHONY: all test lint demo stack stack-env bench bench-celery docs dashboards rules venv system-deps compose-cli clean
+.PHONY: all test lint demo stack stack-env bench bench-celery docs dashboards rules kubernetes venv system-deps compose-cli kubernetes-validator clean
 
 all: test
 
@@ -21,8 +21,9 @@ $(STAMP): constraints.txt requirements-dev.txt demo_app/requirements.txt instrum
 
 venv: $(STAMP)
 
-# `make bench` also counts instructions with valgrind.
-BENCH_BINARIES := valgrind:valgrind
+# `make bench` (benchmarks/all.py): every benchmark, then the summary table in docs/performance.md.
+# It loads gunicorn with wrk, counts instructions with valgrind and runs Celery workers on Redis.
+BENCH_BINARIES := valgrind:valgrind wrk:wrk redis-server:redis-server
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINARIES); do \
@@ -56,11 +57,23 @@ $(COMPOSE_BIN): | $(STAMP)
 
 compose-cli: $(COMPOSE_BIN)
 
+# The schemas tests/test_kubernetes.py validates Kubernetes manifests against: npm packages pinned by
+# tests/kubernetes_validator/package-lock.json (prometheus-operator's, Kubernetes' and KEDA's models, TypeScript);
+# Node.js and npm themselves are Debian packages (SYSTEM_BINARIES).
+K8S_VALIDATOR := tests/kubernetes_validator
+K8S_VALIDATOR_STAMP := $(K8S_VALIDATOR)/node_modules/.installed
+
+$(K8S_VALIDATOR_STAMP): $(K8S_VALIDATOR)/package.json $(K8S_VALIDATOR)/package-lock.json | system-deps
+	npm ci --prefix $(K8S_VALIDATOR) --no-audit --no-fund
+	touch $@
+
+kubernetes-validator: $(K8S_VALIDATOR_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) system-deps $(COMPOSE_BIN) lint
+test: $(STAMP) system-deps $(COMPOSE_BIN) $(K8S_VALIDATOR_STAMP) lint
 	$(PY) -m pytest
 
 demo: $(STAMP) system-deps
@@ -81,8 +94,7 @@ stack: stack-env
 # Each benchmark rewrites only its own section of docs/performance.md.
 bench: $(STAMP)
 	$(MAKE) --no-print-directory system-deps SYSTEM_BINARIES="$(BENCH_BINARIES)"
-	$(PY) -m benchmarks.run
-	$(MAKE) --no-print-directory bench-celery
+	$(PY) -m benchmarks.all
 
 # Celery worker throughput and metrics scrape time (a real worker on Redis: the machine's, else a private one).
 bench-celery: $(STAMP)
@@ -98,9 +110,15 @@ docs: $(STAMP)
 rules: $(STAMP)
 	$(PY) -m collector.slo_rules
 
+# Kubernetes manifests (collector/kubernetes/*.yaml: PrometheusRules from the rule files, Pod- and
+# ServiceMonitors) and the series formula of docs/scaling.md, from collector/kubernetes.py and collector/series.py.
+kubernetes: rules
+	$(PY) -m collector.kubernetes
+	$(PY) -m collector.series
+
 # The Grafana dashboards: dashboards/json/*.json (what Grafana loads) and docs/dashboards.md, from dashboards/*.py.
 dashboards: $(STAMP)
 	$(PY) -m dashboards
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache $(K8S_VALIDATOR)/node_modules

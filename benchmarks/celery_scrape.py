@@ -271,6 +271,29 @@ def target_verdict(results: Sequence[ScrapeResult]) -> str:
     return "target missed"
 
 
+def figures(results: Sequence[ScrapeResult], tasks: int) -> list[report.Figure]:
+    """The summary figures: each variant's median scrape time after ``tasks`` recycled pool processes."""
+    by_name = {result.name: result for result in results}
+    peer = next((result for result in results if result.name != TARGET_VARIANT), None)
+    out = []
+    for result in results:
+        is_target = result.name == TARGET_VARIANT
+        ratio = result.median / peer.median if is_target and peer is not None else None
+        out.append(
+            report.Figure(
+                benchmark="Celery metrics scrape",
+                measure=f"after {tasks:,} recycled pool processes, {result.name}",
+                value=f"{result.median:.1f} ms (p95 {result.p95:.1f}), {result.files:,} files",
+                ratio=ratio,
+                against=peer.name if ratio is not None and peer is not None else "",
+                noise=report.noise(result.scrape_ms),
+                target=f"p95 under {TARGET_MS:.0f} ms" if is_target else None,
+                met=by_name[result.name].p95 < TARGET_MS if is_target else None,
+            )
+        )
+    return out
+
+
 def render_section(results: Sequence[ScrapeResult], tasks: int, scrapes: int, loglevel: str, broker: str) -> str:
     """Render this benchmark's section of docs/performance.md."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -365,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    status = report.publish_section(SECTION, section, args.output, not args.no_write)
+    status = report.publish_section(
+        SECTION, section, args.output, not args.no_write, figures(results, args.tasks), args.figures
+    )
     print(f"{target_verdict(results)} (target: {TARGET_VARIANT} under {TARGET_MS:.0f} ms)", file=sys.stderr)
     return status
 

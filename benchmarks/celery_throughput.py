@@ -327,6 +327,29 @@ def target_verdict(summaries: Sequence[Summary]) -> tuple[float | None, str]:
     return ratio, "target met" if ratio >= TARGET_RATIO else "target missed"
 
 
+def figures(summaries: Sequence[Summary]) -> list[report.Figure]:
+    """The summary figures: each variant's median tasks/s and its ratio to the baseline's."""
+    by_name = {summary.name: summary for summary in summaries}
+    base = by_name.get(BASELINE)
+    out = []
+    for summary in summaries:
+        ratio = summary.median / base.median if base is not None and summary is not base else None
+        is_target = summary.name == TARGET_VARIANT
+        out.append(
+            report.Figure(
+                benchmark="Celery, prefork worker",
+                measure=f"tasks/s, {summary.name}",
+                value=f"{summary.median:,.0f} tasks/s",
+                ratio=ratio,
+                against="" if ratio is None else BASELINE,
+                noise=report.noise(summary.rates),
+                target=f"at least {TARGET_RATIO} {TIMES} {BASELINE}" if is_target else None,
+                met=(ratio is not None and ratio >= TARGET_RATIO) if is_target else None,
+            )
+        )
+    return out
+
+
 def render_section(summaries: Sequence[Summary], repetitions: int, tasks: int, loglevel: str, broker: str) -> str:
     """Render this benchmark's section of docs/performance.md."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -429,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    status = report.publish_section(SECTION, section, args.output, not args.no_write)
+    status = report.publish_section(SECTION, section, args.output, not args.no_write, figures(summaries), args.figures)
     ratio, verdict = target_verdict(summaries)
     if ratio is not None:
         print(f"{verdict}: {TARGET_VARIANT} ÷ {BASELINE} = {ratio:.3f} (target ≥ {TARGET_RATIO:.2f})", file=sys.stderr)

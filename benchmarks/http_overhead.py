@@ -38,7 +38,7 @@ def _nothing() -> None:
 class Variant:
     """An app ready to serve, with how to flush and stop what its instrumentation runs in the background."""
 
-    app: flask.Flask
+    app: flask.Flask | Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
     flush: Callable[[], None] = _nothing
     shutdown: Callable[[], None] = _nothing
 
@@ -136,6 +136,15 @@ def build_otel_flask(traces_file: str) -> Variant:
     return Variant(app, flush=flush, shutdown=shutdown)
 
 
+def build_floor(traces_file: str) -> Variant:
+    """Build the app wrapped by the floor (:mod:`benchmarks.floor`), its spans to the same file exporter."""
+    from benchmarks.floor import floor_middleware
+    from spyglass.otlp_json import OtlpJsonFileSpanExporter
+
+    app, provider = floor_middleware(_hello_app().wsgi_app, OtlpJsonFileSpanExporter(traces_file), "/")
+    return Variant(app, flush=provider.force_flush, shutdown=provider.shutdown)
+
+
 def build_prometheus_flask_exporter(_traces_file: str) -> Variant:
     """Build the app with ``prometheus-flask-exporter``'s default metrics (and its ``/metrics`` route)."""
     from prometheus_flask_exporter import PrometheusMetrics
@@ -153,6 +162,7 @@ VARIANTS: dict[str, Callable[[str], Variant]] = {
     "spyglass-metrics-only": build_spyglass,
     "otel-flask": build_otel_flask,
     "prometheus-flask-exporter": build_prometheus_flask_exporter,
+    "floor": build_floor,
 }
 
 
@@ -180,6 +190,8 @@ def variant_environment(name: str, traces_file: str) -> dict[str, str]:
         return {**spyglass, "SPYGLASS_ACCESS_LOG": "false", "OTEL_SDK_DISABLED": "true"}
     if name == "spyglass-10pct":
         return {**spyglass, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    if name == "floor":
+        return queue
     if name == "otel-flask":
         return {**queue, "OTEL_SERVICE_NAME": "bench", "OTEL_SEMCONV_STABILITY_OPT_IN": "http"}
     if name in VARIANTS:

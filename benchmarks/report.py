@@ -14,34 +14,49 @@ the file is inserted in the order of :data:`SECTIONS`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 __all__ = [
     "DEFAULT_OUTPUT",
     "SECTIONS",
+    "Figure",
     "ReportError",
     "add_section_options",
     "cpu_model",
     "machine_lines",
+    "noise",
     "package_version",
     "publish_section",
+    "read_figures",
     "read_section",
     "replace_section",
     "source_revision",
+    "write_figures",
     "write_section",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "docs" / "performance.md"
-SECTIONS = ("http", "celery-throughput", "celery-scrape")
+SECTIONS = (
+    "summary",
+    "http-load",
+    "http",
+    "celery-throughput",
+    "celery-scrape",
+    "scrape-size",
+    "logs",
+)
 """The sections of docs/performance.md, in the order they appear."""
 PREAMBLE = (
     "<!-- Each benchmark of `make bench` writes only its own section of this file, between its "
@@ -51,6 +66,51 @@ PREAMBLE = (
 
 class ReportError(Exception):
     """The report file's markers are missing their pair, repeated or out of order."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One line of the summary table that ``make bench`` prints: a measured figure and its ratio.
+
+    ``value`` is the formatted median (``"1,234 req/s"``); ``ratio`` divides it by what ``against``
+    names (``"uninstrumented"``, ``"the floor"``, ``"prometheus-flask-exporter"``...), so that a
+    reader sees at once how far from its reference spyglass is; ``noise`` says how much the
+    repetitions spread (``"±3%"``, ``"1.1 to 1.4"``). ``target`` is the goal in words and
+    ``met`` whether this run reached it (both ``None`` when the figure has no goal).
+    """
+
+    benchmark: str
+    measure: str
+    value: str
+    ratio: float | None = None
+    against: str = ""
+    noise: str = ""
+    target: str | None = None
+    met: bool | None = None
+
+
+def write_figures(path: Path, figures: Sequence[Figure]) -> None:
+    """Store one benchmark's summary figures as JSON at ``path`` (read back by :func:`read_figures`)."""
+    path.write_text(json.dumps([asdict(figure) for figure in figures], indent=1), encoding="utf-8")
+
+
+def read_figures(path: Path) -> list[Figure]:
+    """The figures :func:`write_figures` stored at ``path``."""
+    return [Figure(**item) for item in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def noise(values: Sequence[float]) -> str:
+    """How much repeated measurements spread: half their range as a share of their median (``±4%``).
+
+    Half the range (not a standard deviation) because a handful of repetitions is what a
+    benchmark run affords, and the range is what a reader can check against the table.
+    """
+    if len(values) < 2:
+        return "one run"
+    middle = statistics.median(values)
+    if middle == 0:
+        return "n/a"
+    return f"\u00b1{(max(values) - min(values)) / 2 / abs(middle):.0%}"
 
 
 def _begin(name: str) -> str:
@@ -197,11 +257,26 @@ def add_section_options(parser: argparse.ArgumentParser) -> None:
     """The ``--output`` and ``--no-write`` options of a benchmark that writes one section of the report."""
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the report to update")
     parser.add_argument("--no-write", action="store_true", help="print the section without writing the report")
+    parser.add_argument(
+        "--figures", type=Path, help="also store the summary figures as JSON here (used by benchmarks.all)"
+    )
 
 
-def publish_section(name: str, body: str, output: Path, write: bool) -> int:
-    """Print section ``name`` and, if ``write``, put it into the report at ``output``; the exit status."""
+def publish_section(
+    name: str,
+    body: str,
+    output: Path,
+    write: bool,
+    figures: Sequence[Figure] = (),
+    figures_path: Path | None = None,
+) -> int:
+    """Print section ``name`` and, if ``write``, put it into the report at ``output``; the exit status.
+
+    With ``figures_path``, the benchmark's summary ``figures`` are stored there too.
+    """
     print(body)
+    if figures_path is not None:
+        write_figures(figures_path, figures)
     if not write:
         return 0
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import instructions, report
+from benchmarks import instructions, report, task_overhead
 from benchmarks.http_overhead import VARIANTS, variant_environment
 
 __all__ = ["BenchmarkError", "Summary", "main", "render_report", "run_benchmark"]
@@ -35,6 +35,11 @@ BASELINE = "baseline"
 TARGET_NUMERATOR = "spyglass"
 TARGET_DENOMINATOR = "otel-flask"
 TARGET_RATIO = 0.25
+FLOOR = "floor"
+FLOOR_TARGET = 1.5
+"""spyglass's added CPU (per request, per task) may be at most this multiple of the floor's."""
+TASK_MODULE = "benchmarks.task_overhead"
+HTTP_MODULE = "benchmarks.http_overhead"
 PACKAGES = (
     "flask",
     "opentelemetry-sdk",
@@ -56,6 +61,16 @@ DESCRIPTIONS = {
     "spyglass-metrics-only": "as spyglass with traces and access log off (`OTEL_SDK_DISABLED=true`): metrics only",
     "otel-flask": "opentelemetry-instrumentation-flask + SDK (batch spans to file, HTTP metrics)",
     "prometheus-flask-exporter": "`PrometheusMetrics(app)`, default metrics",
+    "floor": "the app wrapped by the unavoidable parts only: one SDK span (batch, same file exporter), one "
+    "route-labelled prometheus_client histogram observation, one structlog context bind",
+}
+TASK_DESCRIPTIONS = {
+    "baseline": "Celery alone (the no-op task through Celery's tracer, its INFO line per task as text)",
+    "spyglass": "`import spyglass.auto`: run span to an OTLP/JSON file, task metrics in a multi-process "
+    "directory, the INFO line as JSON with ids",
+    "otel-celery": "opentelemetry-instrumentation-celery + SDK (batch spans to the same file exporter)",
+    "floor": "Celery alone plus one SDK CONSUMER span, one task-labelled histogram observation and one "
+    "structlog context bind, in `task_prerun`/`task_postrun` receivers",
 }
 
 
@@ -93,17 +108,22 @@ def _clean_environment() -> dict[str, str]:
     }
 
 
-def _measure_once(name: str, warmup: int, requests: int) -> dict[str, Any]:
-    """Run one measurement process for variant ``name`` and return its JSON result."""
+def _measure_once(name: str, warmup: int, requests: int, module: str = HTTP_MODULE) -> dict[str, Any]:
+    """Run one measurement process of ``module`` for variant ``name`` and return its JSON result."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
         traces_file = os.path.join(workdir, "traces.jsonl")
         result_file = os.path.join(workdir, "result.json")
         environment = _clean_environment()
-        environment.update(variant_environment(name, traces_file))
+        if module == TASK_MODULE:
+            metrics_dir = os.path.join(workdir, "metrics")
+            os.mkdir(metrics_dir)
+            environment.update(task_overhead.variant_environment(name, traces_file, metrics_dir))
+        else:
+            environment.update(variant_environment(name, traces_file))
         command = [
             sys.executable,
             "-m",
-            "benchmarks.http_overhead",
+            module,
             name,
             "--traces-file",
             traces_file,
@@ -138,23 +158,26 @@ def _measure_once(name: str, warmup: int, requests: int) -> dict[str, Any]:
             raise BenchmarkError(f"variant {name!r} exited without a readable result ({exc}):\n{stderr}") from exc
 
 
-def run_benchmark(variants: Sequence[str], repetitions: int, warmup: int, requests: int) -> list[Summary]:
-    """Measure every variant ``repetitions`` times, interleaved, and summarise each."""
+def run_benchmark(
+    variants: Sequence[str], repetitions: int, warmup: int, requests: int, module: str = HTTP_MODULE
+) -> list[Summary]:
+    """Measure every variant of ``module`` ``repetitions`` times, interleaved, and summarise each."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     total = repetitions * len(variants)
     done = 0
     for repetition in range(1, repetitions + 1):
         for name in variants:
-            result = _measure_once(name, warmup, requests)
+            result = _measure_once(name, warmup, requests, module)
             results[name].append(result)
             done += 1
+            unit = "task" if module == TASK_MODULE else "req"
             print(
                 f"[{done:>2}/{total}] rep {repetition} {name:<26} "
-                f"thread {result['thread_us']:7.1f} µs/req  process {result['process_us']:7.1f} µs/req",
+                f"thread {result['thread_us']:7.1f} µs/{unit}  process {result['process_us']:7.1f} µs/{unit}",
                 file=sys.stderr,
                 flush=True,
             )
-    served = warmup + requests + 1  # + the request that checks the response
+    served = warmup + requests + (0 if module == TASK_MODULE else 1)  # + the request that checks the response
     return [
         Summary(
             name=name,
@@ -207,13 +230,63 @@ def target_verdict(summaries: Sequence[Summary]) -> tuple[float | None, str]:
     return ratio, "target met" if ratio <= TARGET_RATIO else "target missed"
 
 
-def render_table(summaries: Sequence[Summary]) -> str:
-    """Render the result table in Markdown."""
+def floor_ratios(summaries: Sequence[Summary], attribute: str = "process_us") -> list[float]:
+    """Per repetition: spyglass's added CPU divided by the floor's (both against that repetition's baseline).
+
+    The variants run interleaved, so the repetitions of one round share the machine's state;
+    empty when a variant is missing or the floor added nothing.
+    """
+    by_name = {summary.name: summary for summary in summaries}
+    if not {BASELINE, FLOOR, TARGET_NUMERATOR} <= by_name.keys():
+        return []
+    rounds = zip(
+        getattr(by_name[BASELINE], attribute),
+        getattr(by_name[FLOOR], attribute),
+        getattr(by_name[TARGET_NUMERATOR], attribute),
+        strict=True,
+    )
+    return [(ours - base) / (floor - base) for base, floor, ours in rounds if floor > base]
+
+
+def floor_ratio(summaries: Sequence[Summary], attribute: str = "process_median") -> float | None:
+    """Divide spyglass's added CPU by the floor's, from the medians (``None`` if not measured)."""
+    by_name = {summary.name: summary for summary in summaries}
+    if not {BASELINE, FLOOR, TARGET_NUMERATOR} <= by_name.keys():
+        return None
+    base = getattr(by_name[BASELINE], attribute)
+    floor_added = getattr(by_name[FLOOR], attribute) - base
+    if floor_added <= 0:
+        return None
+    return (getattr(by_name[TARGET_NUMERATOR], attribute) - base) / floor_added
+
+
+def _floor_lines(summaries: Sequence[Summary], unit: str) -> list[str]:
+    ratio = floor_ratio(summaries)
+    if ratio is None:
+        return []
+    by_name = {summary.name: summary for summary in summaries}
+    base = by_name[BASELINE].process_median
+    per_round = floor_ratios(summaries)
+    spread = f" (per repetition {min(per_round):.2f}{DASH}{max(per_round):.2f})" if len(per_round) > 1 else ""
+    verdict = "target met" if ratio <= FLOOR_TARGET else "target missed"
+    thread = floor_ratio(summaries, "thread_median")
+    return [
+        f"**Against the floor: spyglass adds {by_name[TARGET_NUMERATOR].process_median - base:+.1f} µs of process "
+        f"CPU per {unit}, the floor {by_name[FLOOR].process_median - base:+.1f}: {ratio:.2f} {TIMES} the floor"
+        f"{spread}; target: at most {FLOOR_TARGET:.1f}: {verdict}.**",
+        "",
+        f"The same ratio for {unit}-thread CPU alone is {thread:.2f}." if thread is not None else "",
+    ]
+
+
+def render_table(summaries: Sequence[Summary], unit: str = "req") -> str:
+    """Render the result table in Markdown (CPU per ``unit``: ``req`` or ``task``)."""
     by_name = {summary.name: summary for summary in summaries}
     base = by_name[BASELINE]
+    thread_label = "Request-thread" if unit == "req" else "Task-thread"
     header = (
-        f"| Variant | Request-thread CPU µs/req: median (min{DASH}max) | Added | {TIMES} baseline "
-        f"| Process CPU µs/req: median (min{DASH}max) | Added | {TIMES} baseline | Spans exported (of requests) |"
+        f"| Variant | {thread_label} CPU µs/{unit}: median (min{DASH}max) | Added | {TIMES} baseline "
+        f"| Process CPU µs/{unit}: median (min{DASH}max) | Added | {TIMES} baseline | Spans exported (of {unit}s) |"
     )
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for summary in summaries:
@@ -321,12 +394,78 @@ def _breakdown_lines(summaries: Sequence[Summary]) -> list[str]:
     return lines
 
 
+def _task_lines(summaries: Sequence[Summary], repetitions: int, warmup: int, tasks: int) -> list[str]:
+    """The per-task part of the section (empty when tasks were not measured)."""
+    if not summaries:
+        return []
+    variants = [f"- `{s.name}`: {TASK_DESCRIPTIONS.get(s.name, '')}" for s in summaries]
+    return [
+        "",
+        "## Per task (Celery)",
+        "",
+        f"{repetitions} repetitions per variant, each of {warmup:,} warm-up and {tasks:,} timed no-op tasks run "
+        "through Celery's own task tracer in a fresh process, as a prefork pool process runs them "
+        "(`benchmarks/task_overhead.py`): `task_prerun`, the task, `task_success`, `task_postrun`; no broker.",
+        "",
+        render_table(summaries, unit="task"),
+        "",
+        *_floor_lines(summaries, "task"),
+        "",
+        *variants,
+    ]
+
+
+def figures(summaries: Sequence[Summary], task_summaries: Sequence[Summary]) -> list[report.Figure]:
+    """The summary figures: spyglass against the floor per request and per task, and against otel-flask."""
+    out = []
+    for what, measured in (("request", summaries), ("task", task_summaries)):
+        ratio = floor_ratio(measured)
+        if ratio is None:
+            continue
+        by_name = {summary.name: summary for summary in measured}
+        base = by_name[BASELINE].process_median
+        per_round = floor_ratios(measured)
+        out.append(
+            report.Figure(
+                benchmark="In-process CPU",
+                measure=f"per {what}, spyglass added vs the floor",
+                value=f"{by_name[TARGET_NUMERATOR].process_median - base:+.0f} µs/{what} "
+                f"(floor {by_name[FLOOR].process_median - base:+.0f})",
+                ratio=ratio,
+                against="the floor",
+                noise=f"{min(per_round):.2f} to {max(per_round):.2f}" if len(per_round) > 1 else "one run",
+                target=f"at most {FLOOR_TARGET} {TIMES} the floor",
+                met=ratio <= FLOOR_TARGET,
+            )
+        )
+    ratio, verdict = target_verdict(summaries)
+    if ratio is not None:
+        by_name = {summary.name: summary for summary in summaries}
+        base = by_name[BASELINE].process_median
+        out.append(
+            report.Figure(
+                benchmark="In-process CPU",
+                measure="per request, spyglass added vs otel-flask added",
+                value=f"{by_name[TARGET_NUMERATOR].process_median - base:+.0f} vs "
+                f"{by_name[TARGET_DENOMINATOR].process_median - base:+.0f} µs/request",
+                ratio=ratio,
+                against=TARGET_DENOMINATOR,
+                noise=report.noise(by_name[TARGET_NUMERATOR].process_us),
+                target=f"at most {TARGET_RATIO}",
+                met=verdict == "target met",
+            )
+        )
+    return out
+
+
 def render_report(
     summaries: Sequence[Summary],
     repetitions: int,
     warmup: int,
     requests: int,
     instruction_counts: dict[str, float] | None = None,
+    task_summaries: Sequence[Summary] = (),
+    tasks: int = 0,
 ) -> str:
     """Render this benchmark's section of docs/performance.md (the other sections are not its own)."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -345,9 +484,12 @@ def render_report(
             render_table(summaries),
             "",
             *_key_figure_lines(summaries),
+            "",
+            *_floor_lines(summaries, "request"),
             *_dropped_spans_note(summaries),
             *_breakdown_lines(summaries),
             *render_instruction_table(instruction_counts or {}),
+            *_task_lines(task_summaries, repetitions, warmup, tasks),
             "",
             "## Machine",
             "",
@@ -390,19 +532,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=7, help="measurement processes per variant")
     parser.add_argument("--warmup", type=int, default=2_000, help="untimed requests per process")
     parser.add_argument("--requests", type=int, default=20_000, help="timed requests per process")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the Markdown report")
+    parser.add_argument("--tasks", type=int, default=10_000, help="timed tasks per process (0: no per-task part)")
     parser.add_argument(
         "--instructions",
         choices=("auto", "yes", "no"),
         default="auto",
         help="also count instructions per request with valgrind (auto: when valgrind is installed)",
     )
+    report.add_section_options(parser)
     args = parser.parse_args(argv)
-    if min(args.repetitions, args.warmup + 1, args.requests) < 1:
-        parser.error("--repetitions and --requests must be positive, --warmup not negative")
+    if min(args.repetitions, args.warmup + 1, args.requests, args.tasks + 1) < 1:
+        parser.error("--repetitions and --requests must be positive, --warmup and --tasks not negative")
 
     try:
         summaries = run_benchmark(list(VARIANTS), args.repetitions, args.warmup, args.requests)
+        task_summaries = (
+            run_benchmark(list(task_overhead.VARIANTS), args.repetitions, args.warmup, args.tasks, TASK_MODULE)
+            if args.tasks
+            else []
+        )
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -418,18 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (instructions.InstructionCountError, subprocess.TimeoutExpired) as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    section = render_report(summaries, args.repetitions, args.warmup, args.requests, counts)
-    try:
-        report.write_section(args.output, SECTION, section)
-    except report.ReportError as exc:
-        print(f"cannot write the report: {exc}", file=sys.stderr)
-        return 1
-    print(section)
+    section = render_report(summaries, args.repetitions, args.warmup, args.requests, counts, task_summaries, args.tasks)
+    status = report.publish_section(
+        SECTION, section, args.output, not args.no_write, figures(summaries, task_summaries), args.figures
+    )
     ratio, verdict = target_verdict(summaries)
     if ratio is not None:
         print(f"{verdict}: spyglass added ÷ otel-flask added = {ratio:.2f} (target ≤ {TARGET_RATIO:.2f})")
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

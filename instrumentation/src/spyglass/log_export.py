@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from opentelemetry import trace
@@ -37,7 +37,15 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from spyglass.process_hooks import call_after_fork_in_child
 
-__all__ = ["LogLineExporter", "LogPipelineCounters", "build_log_exporter", "line_to_log_record"]
+__all__ = [
+    "LineFields",
+    "LinesExporter",
+    "LogLineExporter",
+    "LogPipelineCounters",
+    "build_log_exporter",
+    "line_to_log_record",
+    "parse_line",
+]
 
 _SEVERITIES: dict[str, SeverityNumber] = {
     "debug": SeverityNumber.DEBUG,
@@ -93,8 +101,22 @@ def _attribute_value(value: Any) -> Any:
     return orjson.dumps(value).decode("utf-8")
 
 
-def line_to_log_record(line: bytes, resource: Resource) -> ReadableLogRecord:
-    """One rendered JSON log line as an OpenTelemetry log record (a line that is not JSON becomes its body)."""
+class LineFields(NamedTuple):
+    """What one rendered JSON log line says, in the terms of an OpenTelemetry log record."""
+
+    timestamp_ns: int
+    observed_ns: int
+    severity_text: str | None
+    severity_number: SeverityNumber
+    body: str
+    attributes: dict[str, Any]
+    trace_id: int
+    span_id: int
+    scope_name: str | None
+
+
+def parse_line(line: bytes) -> LineFields:
+    """Read one rendered JSON log line (a line that is not a JSON object becomes the body of a record)."""
     try:
         fields = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -102,33 +124,59 @@ def line_to_log_record(line: bytes, resource: Resource) -> ReadableLogRecord:
     if not isinstance(fields, dict):
         text = line.decode("utf-8", "backslashreplace").rstrip("\n")
         now = time.time_ns()
-        record = LogRecord(timestamp=now, observed_timestamp=now, body=text)
-        return ReadableLogRecord(log_record=record, resource=resource, instrumentation_scope=None)
+        return LineFields(now, now, None, SeverityNumber.UNSPECIFIED, text, {}, 0, 0, None)
     level = str(fields.get("level", "")).lower()
     trace_id = _hex_id(fields.get("trace_id"), 32)
     span_id = _hex_id(fields.get("span_id"), 16)
-    context = None
-    if trace_id and span_id:
-        span = NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(1)))
-        context = trace.set_span_in_context(span)
+    if not (trace_id and span_id):
+        trace_id = span_id = 0
     attributes: dict[str, Any] = {}
     for key, value in fields.items():
         if key in _RECORD_FIELDS or value is None:
             continue
         attributes["exception.stacktrace" if key == "exception" else key] = _attribute_value(value)
     event = fields.get("event", "")
-    record = LogRecord(
-        timestamp=_time_ns(fields.get("timestamp")),
-        observed_timestamp=time.time_ns(),
-        context=context,
+    logger_name = fields.get("logger")
+    return LineFields(
+        timestamp_ns=_time_ns(fields.get("timestamp")),
+        observed_ns=time.time_ns(),
         severity_text=level.upper() or None,
         severity_number=_SEVERITIES.get(level, SeverityNumber.UNSPECIFIED),
         body=event if isinstance(event, str) else orjson.dumps(event).decode("utf-8"),
         attributes=attributes,
+        trace_id=trace_id,
+        span_id=span_id,
+        scope_name=logger_name if isinstance(logger_name, str) else None,
     )
-    logger_name = fields.get("logger")
-    scope = InstrumentationScope(logger_name) if isinstance(logger_name, str) else None
+
+
+def line_to_log_record(line: bytes, resource: Resource) -> ReadableLogRecord:
+    """One rendered JSON log line as an OpenTelemetry log record (see :func:`parse_line`)."""
+    fields = parse_line(line)
+    context = None
+    if fields.trace_id:
+        span = NonRecordingSpan(
+            SpanContext(fields.trace_id, fields.span_id, is_remote=False, trace_flags=TraceFlags(1))
+        )
+        context = trace.set_span_in_context(span)
+    record = LogRecord(
+        timestamp=fields.timestamp_ns,
+        observed_timestamp=fields.observed_ns,
+        context=context,
+        severity_text=fields.severity_text,
+        severity_number=fields.severity_number,
+        body=fields.body,
+        attributes=fields.attributes,
+    )
+    scope = InstrumentationScope(fields.scope_name) if fields.scope_name is not None else None
     return ReadableLogRecord(log_record=record, resource=resource, instrumentation_scope=scope)
+
+
+class LinesExporter(Protocol):
+    """An exporter that encodes rendered lines itself (:class:`spyglass.otlp_http.OtlpProtoLogExporter`)."""
+
+    def export_lines(self, lines: Sequence[bytes], resource: Resource) -> LogRecordExportResult:
+        """Export one batch of rendered JSON lines as log records of ``resource``."""
 
 
 class LogLineExporter:
@@ -238,8 +286,11 @@ class LogLineExporter:
 
     def _export(self, lines: Sequence[bytes]) -> bool:
         try:
-            records = [line_to_log_record(line, self._resource) for line in lines]
-            result = self._exporter.export(records)
+            export_lines = getattr(self._exporter, "export_lines", None)
+            if export_lines is not None:  # encodes the lines itself: no record objects in between
+                result = export_lines(lines, self._resource)
+            else:
+                result = self._exporter.export([line_to_log_record(line, self._resource) for line in lines])
         except Exception as exc:  # an exporter bug must not kill the export thread
             self._counters.exported(len(lines), type(exc).__name__)
             return False
@@ -253,9 +304,9 @@ class LogLineExporter:
 def build_log_exporter(name: str, *, endpoint: str, timeout_s: float, path: str) -> LogRecordExporter:
     """The exporter behind ``OTEL_LOGS_EXPORTER=name``: ``otlp`` (OTLP/HTTP protobuf) or ``otlp_json_file``."""
     if name == "otlp":
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from spyglass.otlp_http import OtlpProtoLogExporter
 
-        return OTLPLogExporter(endpoint=endpoint, timeout=timeout_s)
+        return OtlpProtoLogExporter(endpoint=endpoint, timeout=timeout_s)
     if name == "otlp_json_file":
         from spyglass.otlp_json import OtlpJsonFileLogExporter
 

@@ -88,9 +88,9 @@ class CountingSpanExporter(SpanExporter):
 
 def _exporter(name: str, settings: Settings) -> SpanExporter:
     if name == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from spyglass.otlp_http import OtlpProtoSpanExporter
 
-        return OTLPSpanExporter(endpoint=settings.otlp_traces_endpoint, timeout=settings.otlp_timeout_s)
+        return OtlpProtoSpanExporter(endpoint=settings.otlp_traces_endpoint, timeout=settings.otlp_timeout_s)
     if name == "console":
         return ConsoleSpanExporter(service_name=settings.service_name)
     return OtlpJsonFileSpanExporter(settings.traces_file)

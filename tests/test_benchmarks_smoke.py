@@ -1,0 +1,146 @@
+"""The benchmarks run end to end with tiny counts: exit 0, print their section, store their summary figures.
+
+Each runs as ``make bench`` runs it (``python -m benchmarks.NAME``), with ``--no-write`` so that
+docs/performance.md is left alone, and ``--figures`` into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks import report
+
+REPO = Path(__file__).resolve().parent.parent
+_TIMEOUT_S = 120
+
+
+def run_benchmark(module: str, arguments: Sequence[str], figures_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m benchmarks.MODULE`` with ``arguments``, not writing the report; fail on a non-zero exit."""
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *arguments, "--no-write", "--figures", str(figures_path)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def leading_number(value: str) -> float:
+    """The number a figure's formatted value starts with (``"1,234 lines/s"`` -> 1234.0)."""
+    match = re.match(r"[\d,]+(?:\.\d+)?", value)
+    assert match, value
+    return float(match.group().replace(",", ""))
+
+
+def assert_positive(figures: Sequence[report.Figure], benchmark: str) -> None:
+    assert figures
+    for figure in figures:
+        assert figure.benchmark == benchmark
+        assert leading_number(figure.value) > 0, figure
+        assert figure.ratio is not None and figure.ratio > 0, figure
+        assert figure.against and figure.noise, figure
+
+
+def test_logs_benchmark_runs_every_variant_and_stores_positive_figures(tmp_path: Path) -> None:
+    """A tiny logs benchmark exits 0, prints its section, and stores lines/s figures with ratios to the peer."""
+    figures_path = tmp_path / "logs.json"
+    completed = run_benchmark(
+        "logs_throughput", ["--repetitions", "2", "--lines", "300", "--warmup", "20"], figures_path
+    )
+    assert "<!-- bench:" not in completed.stdout  # the section body only: markers are the report's
+    for variant in ("spyglass", "spyglass-stdlib", "stdlib-json"):
+        assert f"| {variant} |" in completed.stdout
+    figures = report.read_figures(figures_path)
+    assert_positive(figures, "Logs, JSON lines")
+    assert [figure.measure for figure in figures] == ["spyglass structlog lines/s", "spyglass stdlib-logging lines/s"]
+
+
+def test_logs_benchmark_without_the_peer_stores_figures_without_ratio(tmp_path: Path) -> None:
+    """Measuring spyglass alone still works: its figure has a value and no ratio (nothing to divide by)."""
+    figures_path = tmp_path / "logs.json"
+    run_benchmark(
+        "logs_throughput",
+        ["--repetitions", "1", "--lines", "200", "--warmup", "0", "--variants", "spyglass"],
+        figures_path,
+    )
+    (figure,) = report.read_figures(figures_path)
+    assert leading_number(figure.value) > 0
+    assert figure.ratio is None
+
+
+def test_scrape_size_benchmark_counts_every_recorded_series_and_stores_positive_figures(tmp_path: Path) -> None:
+    """A tiny scrape-size run exits 0, both variants count every request and task run, figures are positive."""
+    figures_path = tmp_path / "scrape-size.json"
+    completed = run_benchmark(
+        "scrape_size",
+        ["--routes", "3", "--tasks", "2", "--dead", "4", "--scrapes", "2"],
+        figures_path,
+    )
+    for variant in ("spyglass", "prometheus-multiproc"):
+        assert f"| {variant} | 0 |" in completed.stdout
+        assert f"| {variant} | 4 |" in completed.stdout
+    assert "3 of 3, 2 of 2" in completed.stdout  # the live worker alone
+    assert "7 of 7, 6 of 6" in completed.stdout  # and the four dead processes
+    assert "Warning" not in completed.stdout
+    figures = report.read_figures(figures_path)
+    assert_positive(figures, "Metrics scrape, multi-process")
+    assert len(figures) == 2
+
+
+def test_http_load_serves_under_wrk_and_every_request_reaches_the_backends() -> None:
+    """A real gunicorn per variant answers wrk's load without errors, and nothing is lost on the way.
+
+    spyglass at 100% sampling delivers one span per request served to the OTLP sink (warm-up
+    included, after a graceful stop), and prometheus-flask-exporter's endpoint counts every
+    request: a variant that dropped its telemetry would otherwise look fast.
+    """
+    from benchmarks import http_load
+
+    connections = 4
+    with http_load.sink_process() as sink:
+        runs = {
+            name: http_load.measure_variant(name, sink, warmup=1, duration=1, connections=connections)
+            for name in ("none", "spyglass", "prometheus-flask-exporter")
+        }
+    for name, run in runs.items():
+        assert run.errors == 0, name
+        assert run.requests > 100, (name, run.requests)
+        assert 0 < run.p50_ms <= run.p99_ms, name
+        assert run.server_cpu_us > 0, name
+    # wrk does not count the responses in flight when it stops: at most one per connection, twice
+    # (the warm-up and the timed phase).
+    spyglass, exporter = runs["spyglass"], runs["prometheus-flask-exporter"]
+    in_flight = 2 * connections
+    assert spyglass.spans is not None and spyglass.served <= spyglass.spans <= spyglass.served + in_flight
+    assert spyglass.counted is not None and spyglass.served <= spyglass.counted <= spyglass.served + in_flight
+    assert exporter.counted is not None and exporter.served <= exporter.counted <= exporter.served + in_flight
+
+
+def test_in_process_benchmark_measures_spyglass_against_the_floor_per_request_and_per_task(tmp_path: Path) -> None:
+    """The in-process benchmark measures the floor beside spyglass, for requests and for Celery tasks.
+
+    Every variant exports every span it samples, and the summary holds spyglass's added CPU as a
+    multiple of the floor's, per request and per task, with the target it is held to.
+    """
+    figures_path = tmp_path / "in-process.json"
+    completed = run_benchmark(
+        "run",
+        ["--repetitions", "1", "--warmup", "50", "--requests", "400", "--tasks", "300", "--instructions", "no"],
+        figures_path,
+    )
+    assert "## Per task (Celery)" in completed.stdout
+    for spans in ("451 (100%)", "350 (100%)"):  # 50 + 400 requests + 1 check; 50 + 300 tasks
+        assert completed.stdout.count(spans) >= 3, completed.stdout  # spyglass, the floor and the otel peer
+    figures = {figure.measure: figure for figure in report.read_figures(figures_path)}
+    for what in ("request", "task"):
+        figure = figures[f"per {what}, spyglass added vs the floor"]
+        assert figure.against == "the floor" and figure.ratio is not None and figure.ratio > 0
+        assert figure.target == "at most 1.5 \u00d7 the floor" and figure.met == (figure.ratio <= 1.5)
