@@ -223,13 +223,24 @@ def package_version(package: str) -> str:
 
 
 def source_revision() -> str:
-    """Name the git commit measured, noting uncommitted changes (``unknown`` outside a checkout)."""
+    """Name the git commit measured, noting uncommitted changes (``unknown`` outside a checkout).
+
+    Changes to the report itself (which a ``make bench`` run writes as it goes) do not count.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(  # the report itself is rewritten section by section during a run
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                f":!{DEFAULT_OUTPUT.relative_to(ROOT)}",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
