@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from enum import StrEnum
+from http import HTTPStatus
 
 import pytest
 from opentelemetry import trace
@@ -32,7 +34,13 @@ from opentelemetry.trace import (
 
 from spyglass.light_span import LightSpan, LightSpanStarter
 from spyglass.log_export import line_to_log_record
+from spyglass.otlp_json import encode_spans_json
 from spyglass.otlp_proto import encode_log_lines_request, encode_spans_request
+
+
+class Colour(StrEnum):
+    RED = "red"
+
 
 ATTRIBUTES = {
     "http.request.method": "GET",
@@ -48,6 +56,8 @@ ATTRIBUTES = {
     "flags": (True,),
     "unicode": "é\u2028ü",
     "empty": "",
+    "http.response.status_code": HTTPStatus.OK,  # an int subclass, as user code sets it
+    "colour": Colour.RED,  # a str subclass
 }
 
 
@@ -107,6 +117,25 @@ def test_sdk_spans_of_every_shape_encode_as_the_sdk_encodes_them(provider: tuple
     assert _without_link_trace_state(ours) == encode_spans(kept.spans)
     links = [link for rs in ours.resource_spans for ss in rs.scope_spans for s in ss.spans for link in s.links]
     assert links and all(link.trace_state == "a=b" for link in links)
+
+
+def test_enum_attribute_values_are_sent_as_their_plain_values(provider: tuple[TracerProvider, _Keep]) -> None:
+    """An attribute set to HTTPStatus.OK or a StrEnum member is sent as 200 or "red", in protobuf and in
+    OTLP/JSON files, instead of failing the whole batch.
+    """
+    tracer_provider, kept = provider
+    with tracer_provider.get_tracer("t").start_as_current_span("GET /", attributes=ATTRIBUTES):
+        pass
+    (span,) = (
+        ExportTraceServiceRequest.FromString(encode_spans_request(kept.spans)).resource_spans[0].scope_spans[0].spans
+    )
+    values = {attribute.key: attribute.value for attribute in span.attributes}
+    assert values["http.response.status_code"].int_value == 200
+    assert values["colour"].string_value == "red"
+    (json_span,) = encode_spans_json(kept.spans)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    json_values = {attribute["key"]: attribute["value"] for attribute in json_span["attributes"]}
+    assert json_values["http.response.status_code"] == {"intValue": "200"}
+    assert json_values["colour"] == {"stringValue": "red"}
 
 
 def test_light_spans_encode_as_the_sdk_encodes_them(provider: tuple[TracerProvider, _Keep]) -> None:

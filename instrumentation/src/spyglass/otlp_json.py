@@ -62,7 +62,11 @@ _REMOTE_PARENT_FLAGS = _HAS_IS_REMOTE | _IS_REMOTE
 
 
 def _any_value(value: Any) -> dict[str, Any]:
-    """An OTLP/JSON AnyValue (64-bit integers as decimal strings, as the protobuf JSON mapping does)."""
+    """An OTLP/JSON AnyValue (64-bit integers as decimal strings, as the protobuf JSON mapping does).
+
+    Subclasses of ``str``, ``int`` and ``float`` (``HTTPStatus.OK``, a ``StrEnum``) are written as
+    the plain value.
+    """
     kind = type(value)
     if kind is str:
         return {"stringValue": value}
@@ -72,14 +76,18 @@ def _any_value(value: Any) -> dict[str, Any]:
         return {"intValue": str(value)}
     if kind is float:
         return {"doubleValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value[:]}  # slicing a subclass gives a plain str
+    if isinstance(value, int):
+        return {"intValue": str(int(value))}
+    if isinstance(value, float):
+        return {"doubleValue": float(value)}
     if isinstance(value, bytes):
         return {"bytesValue": base64.b64encode(value).decode("ascii")}
     if isinstance(value, Mapping):
         return {"kvlistValue": {"values": _attributes(value)}}
     if isinstance(value, Sequence):
         return {"arrayValue": {"values": [_any_value(item) for item in value]}}
-    if isinstance(value, int | float | str):  # subclasses (enums and the like)
-        return _any_value(kind.__mro__[1](value) if not isinstance(value, bool) else bool(value))
     return {}
 
 

@@ -104,7 +104,11 @@ def _text(value: str) -> bytes:
 
 
 def encode_any_value(value: Any) -> bytes:
-    """The body of an OTLP ``AnyValue`` for a Python attribute value."""
+    """The body of an OTLP ``AnyValue`` for a Python attribute value.
+
+    Subclasses of ``str``, ``int`` and ``float`` (``HTTPStatus.OK``, a ``StrEnum``) are sent as the
+    plain value, as the SDK's encoder sends them.
+    """
     kind = type(value)
     if kind is str:
         return _field(1, _text(value))
@@ -114,16 +118,18 @@ def encode_any_value(value: Any) -> bytes:
         return b"\x18" + _varint(value)
     if kind is float:
         return b"\x21" + _DOUBLE(value)
+    if isinstance(value, str):
+        return _field(1, _text(value))
+    if isinstance(value, int):
+        return b"\x18" + _varint(int(value))
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE(float(value))
     if isinstance(value, bytes):
         return _field(7, value)
     if isinstance(value, Mapping):
         return _field(6, b"".join(_field(1, _key_value(key, item)) for key, item in value.items()))
     if isinstance(value, Sequence):
         return _field(5, b"".join(_field(1, encode_any_value(item)) for item in value))
-    if isinstance(value, bool):
-        return encode_any_value(bool(value))
-    if isinstance(value, int | float | str):  # subclasses (enums and the like)
-        return encode_any_value(kind.__mro__[1](value))
     return b""
 
 
