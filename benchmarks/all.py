@@ -152,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: check the chain (implies --no-write)")
     parser.add_argument(
-        "--only", nargs="+", choices=[b.name for b in BENCHMARKS], help="run only these benchmarks (in order)"
+        "--only",
+        nargs="+",
+        choices=[b.name for b in BENCHMARKS],
+        help="run only these benchmarks (in order); the summary written then holds only their figures",
     )
     parser.add_argument("--output", type=Path, default=report.DEFAULT_OUTPUT, help="the report to update")
     parser.add_argument("--no-write", action="store_true", help="print the summary without writing the report")

@@ -251,15 +251,34 @@ def read_exemplars(directory: str) -> dict[str, Exemplar]:
     return newest
 
 
+def _buckets_with_exemplars(exemplars: dict[str, Exemplar]) -> set[tuple[str, str]]:
+    """The (family, ``le``) pairs that hold at least one exemplar, read from the exemplars' keys."""
+    found = set()
+    for key in exemplars:
+        try:
+            family, labels = json.loads(key)
+            le = next(value for name, value in labels if name == "le")
+        except (ValueError, TypeError, StopIteration):
+            continue
+        found.add((family, le))
+    return found
+
+
 def attach_exemplars(families: Iterable, exemplars: dict[str, Exemplar]) -> list:
-    """Return metric families with exemplars set on the histogram bucket samples they belong to."""
+    """Return metric families with exemplars set on the histogram bucket samples they belong to.
+
+    A bucket's key is only built when its family and bound hold some exemplar: most buckets of a
+    scrape (every bound a series' observations never reached) hold none.
+    """
     result = []
+    candidates = _buckets_with_exemplars(exemplars) if exemplars else set()
     for family in families:
-        if family.type == "histogram" and exemplars:
+        if family.type == "histogram" and candidates:
             samples = []
+            name = family.name
             for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    found = exemplars.get(exemplar_key(family.name, sample.labels.items()))
+                if sample.name.endswith("_bucket") and (name, sample.labels.get("le")) in candidates:
+                    found = exemplars.get(exemplar_key(name, sample.labels.items()))
                     if found is not None:
                         sample = Sample(sample.name, sample.labels, sample.value, sample.timestamp, found)
                 samples.append(sample)
