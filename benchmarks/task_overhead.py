@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.floor import BUCKETS
 from benchmarks.http_overhead import count_spans
 
 __all__ = ["VARIANTS", "main", "measure", "variant_environment"]
@@ -51,7 +52,6 @@ VARIANTS = ("baseline", "spyglass", "otel-celery", "floor")
 _CELERY_VARIANT = {"baseline": "baseline", "spyglass": "spyglass", "otel-celery": "otel-celery", "floor": "baseline"}
 TEXT_LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 """Celery's own worker log format (``worker_task_log_format`` without the task fields)."""
-FLOOR_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
 
 def variant_environment(name: str, traces_file: str, metrics_dir: str) -> dict[str, str]:
@@ -96,7 +96,7 @@ def _install_floor(traces_file: str) -> tuple[Callable[[], object], Callable[[],
         "celery_task_runtime_seconds",
         "Task runtime.",
         ["task_name", "state"],
-        buckets=FLOOR_BUCKETS,
+        buckets=BUCKETS,
         registry=CollectorRegistry(),
     )
     runs: dict[str, tuple[Any, object, dict[str, Any], float]] = {}
