@@ -212,8 +212,10 @@ def json_lines(path: Path) -> list[dict]:
 
 
 def span_paths(path: Path) -> set[str]:
-    """The ``url.path`` of every span in a traces file."""
-    found = set()
+    """The ``url.path`` of every span in a traces file (none while the exporter has not created it)."""
+    found: set[str] = set()
+    if not path.exists():
+        return found
     for request in json_lines(path):
         for resource_spans in request["resourceSpans"]:
             for scope_spans in resource_spans["scopeSpans"]:
