@@ -103,10 +103,8 @@ class ScrapeResult:
 
     @property
     def p95(self) -> float:
-        """95th percentile (inclusive method: within the measured range)."""
-        if len(self.scrape_ms) < 2:
-            return self.scrape_ms[0]
-        return statistics.quantiles(self.scrape_ms, n=20, method="inclusive")[18]
+        """95th percentile scrape time, ms (see :func:`benchmarks.report.p95`)."""
+        return report.p95(self.scrape_ms)
 
 
 def scrape(port: int) -> tuple[float, str, str]:

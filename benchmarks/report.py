@@ -36,6 +36,7 @@ __all__ = [
     "cpu_model",
     "machine_lines",
     "noise",
+    "p95",
     "package_version",
     "publish_section",
     "read_figures",
@@ -111,6 +112,13 @@ def noise(values: Sequence[float]) -> str:
     if middle == 0:
         return "n/a"
     return f"\u00b1{(max(values) - min(values)) / 2 / abs(middle):.0%}"
+
+
+def p95(values: Sequence[float]) -> float:
+    """The 95th percentile of ``values`` (inclusive method: within the measured range)."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
 def _begin(name: str) -> str:
