@@ -154,6 +154,36 @@ def test_light_spans_encode_as_the_sdk_encodes_them(provider: tuple[TracerProvid
     assert ExportTraceServiceRequest.FromString(encode_spans_request(kept.spans)) == encode_spans(kept.spans)
 
 
+def test_light_spans_with_a_remote_parent_links_and_events_encode_as_the_sdk_encodes_them(
+    provider: tuple[TracerProvider, _Keep],
+) -> None:
+    """A light span continuing a remote trace (with trace state), carrying links, events, a status
+    description and values of every kind encodes as the SDK encodes it (links aside: their trace
+    state is sent, which the SDK leaves out).
+    """
+    tracer_provider, kept = provider
+    starter = LightSpanStarter(tracer_provider, "spyglass.celery", "0.1.0")
+    remote = SpanContext(
+        0x8D7C6F20B4A453441B1543B77E081B9E,
+        0xAF7F6D66E8F5A2E1,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_state=TraceState([("vendor", "on")]),
+    )
+    parent = trace.set_span_in_context(NonRecordingSpan(remote))
+    span, *_ = starter.start("run shop.charge", parent, {"celery.task_name": "shop.charge"}, SpanKind.CONSUMER)
+    assert isinstance(span, LightSpan)
+    span.add_link(SpanContext(7, 8, is_remote=True, trace_state=TraceState([("k", "v")])), {"attempt": 2})
+    span.add_event("retry", {"delay_s": 1.5, "reasons": ("busy", "slow")})
+    span.set_attributes({"ok": False, "ratio": 0.25, "count": -3, "path": "/caf\u00e9"})
+    span.set_status(Status(StatusCode.ERROR, "card declined"))
+    span.end()
+    (finished,) = kept.spans
+    ours = ExportTraceServiceRequest.FromString(encode_spans_request([finished]))
+    assert ours.resource_spans[0].scope_spans[0].spans[0].parent_span_id == remote.span_id.to_bytes(8, "big")
+    assert _without_link_trace_state(ours) == encode_spans([finished])
+
+
 def test_a_lone_surrogate_is_sent_as_a_replacement_character(provider: tuple[TracerProvider, _Keep]) -> None:
     """A string that is not valid Unicode costs one character, not the batch (the SDK's encoder raises)."""
     tracer_provider, kept = provider
@@ -233,3 +263,65 @@ def test_spyglass_exports_through_the_fast_exporters_when_otlp_is_configured(
     finally:
         span_exporter.shutdown()
         log_exporter.shutdown()
+
+
+@pytest.fixture
+def access_lines(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The lines AccessLog writes while log export is on (a writer that keeps them, one exporter)."""
+    from spyglass import logs
+    from spyglass.config import load_settings
+
+    written: list[bytes] = []
+
+    class _Keep:
+        def write(self, line: bytes) -> None:
+            written.append(line)
+
+    monkeypatch.setattr(logs, "_writer", _Keep())
+    monkeypatch.setattr(logs, "_exporters", [object()])
+    access = logs.AccessLog(load_settings({"OTEL_SERVICE_NAME": "shop"}))
+    access.http_request(
+        "GET", "/items/<int:item_id>", "/items/7", 200, 0.000412, "8d7c6f20b4a453441b1543b77e081b9e", "af7f6d66e8f5a2e1"
+    )
+    access.http_request("POST", "/orders", "/orders", 503, 1.25, "", "")
+    access.http_request("_OTHER", "<unmatched>", "/caf\u00e9/x y", 404, 0.0000004, "", "")
+    access.http_request(
+        "GET", "/search", '/search/"quoted"', 200, 0.002, "8d7c6f20b4a453441b1543b77e081b9e", "af7f6d66e8f5a2e1"
+    )
+    return written
+
+
+def test_access_lines_carry_their_fields_and_encode_as_their_parsed_bytes(access_lines: list[bytes]) -> None:
+    """An access line written while logs are exported carries the fields it was rendered from, and the
+    record encoded from them is the record its bytes parse to; a path that needs escaping in JSON
+    leaves the line plain bytes (parsed like any other line).
+    """
+    from spyglass.log_export import AccessLine
+
+    assert [type(line) is AccessLine for line in access_lines] == [True, True, True, False]
+    resource = Resource.create({"service.name": "shop"})
+    from_fields = ExportLogsServiceRequest.FromString(encode_log_lines_request(access_lines, resource))
+    from_bytes = ExportLogsServiceRequest.FromString(
+        encode_log_lines_request([bytes(line) for line in access_lines], resource)
+    )
+    assert _without_observed_time(from_fields) == _without_observed_time(from_bytes)
+    sdk = encode_logs([line_to_log_record(bytes(line), resource) for line in access_lines])
+    assert _without_observed_time(from_fields) == _without_observed_time(sdk)
+    (scope_logs,) = from_fields.resource_logs[0].scope_logs
+    assert scope_logs.scope.name == "spyglass.access"
+    first, error, *_ = scope_logs.log_records
+    assert first.trace_id.hex() == "8d7c6f20b4a453441b1543b77e081b9e"
+    assert error.severity_text == "ERROR" and not error.trace_id
+    assert {kv.key: kv.value.double_value for kv in error.attributes}["http.server.request.duration"] == 1.25
+
+
+def test_access_lines_parse_as_their_bytes_for_the_json_file_exporter(access_lines: list[bytes]) -> None:
+    """The OTLP JSON file exporter parses access lines back like any line: the fields they carry
+    change nothing (the line is not mistaken for text that is not JSON).
+    """
+    from spyglass.log_export import parse_line
+
+    for line in access_lines:
+        parsed, plain = parse_line(line), parse_line(bytes(line))
+        assert parsed._replace(observed_ns=0) == plain._replace(observed_ns=0)
+        assert parsed.body == "request" and parsed.scope_name == "spyglass.access"

@@ -38,6 +38,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from spyglass.process_hooks import call_after_fork_in_child
 
 __all__ = [
+    "AccessFields",
+    "AccessLine",
     "LineFields",
     "LinesExporter",
     "LogLineExporter",
@@ -72,6 +74,16 @@ class LogPipelineCounters(Protocol):
 
 
 def _time_ns(text: Any) -> int:
+    if type(text) is str and len(text) == 27 and text[19] == "." and text[26] == "Z":
+        # spyglass's own format (2026-11-23T10:00:00.123456Z): the second is parsed once.
+        global _last_second
+        prefix, seconds = _last_second
+        if text[:19] != prefix:
+            seconds = _time_ns(text[:19] + "Z") // 1_000_000_000
+            _last_second = (text[:19], seconds)
+        fraction = text[20:26]
+        if fraction.isdigit():
+            return seconds * 1_000_000_000 + int(fraction) * 1000
     if isinstance(text, str):
         try:
             moment = datetime.fromisoformat(text)
@@ -79,6 +91,9 @@ def _time_ns(text: Any) -> int:
         except ValueError:
             pass
     return time.time_ns()
+
+
+_last_second: tuple[str, int] = ("", 0)
 
 
 def _hex_id(value: Any, width: int) -> int:
@@ -117,6 +132,8 @@ class LineFields(NamedTuple):
 
 def parse_line(line: bytes) -> LineFields:
     """Read one rendered JSON log line (a line that is not a JSON object becomes the body of a record)."""
+    if type(line) is not bytes:  # orjson reads exact bytes only (an AccessLine is a subclass)
+        line = bytes(line)
     try:
         fields = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -134,7 +151,10 @@ def parse_line(line: bytes) -> LineFields:
     for key, value in fields.items():
         if key in _RECORD_FIELDS or value is None:
             continue
-        attributes["exception.stacktrace" if key == "exception" else key] = _attribute_value(value)
+        kind = type(value)
+        if kind is not str and kind is not float:
+            value = _attribute_value(value)
+        attributes["exception.stacktrace" if key == "exception" else key] = value
     event = fields.get("event", "")
     logger_name = fields.get("logger")
     return LineFields(
@@ -148,6 +168,32 @@ def parse_line(line: bytes) -> LineFields:
         span_id=span_id,
         scope_name=logger_name if isinstance(logger_name, str) else None,
     )
+
+
+class AccessFields(NamedTuple):
+    """The fields an access-log line was rendered from, as the line spells them."""
+
+    level: str
+    method: str
+    route: str
+    path: str
+    status: int
+    duration: str
+    """``http.server.request.duration`` as written in the line (``0.000412``)."""
+    timestamp: str
+    trace_id: str
+    span_id: str
+
+
+class AccessLine(bytes):
+    """A rendered access-log line (plain bytes to every reader) that also carries its :class:`AccessFields`.
+
+    The OTLP/HTTP exporter encodes the record from the fields instead of parsing the line back
+    (:func:`spyglass.otlp_proto.encode_log_lines_request`); the record is the one
+    :func:`parse_line` makes of the bytes.
+    """
+
+    fields: AccessFields
 
 
 def line_to_log_record(line: bytes, resource: Resource) -> ReadableLogRecord:

@@ -40,7 +40,7 @@ from opentelemetry import trace
 
 from spyglass.config import Settings
 from spyglass.line_writer import LineWriter
-from spyglass.log_export import LogLineExporter, LogPipelineCounters, build_log_exporter
+from spyglass.log_export import AccessFields, AccessLine, LogLineExporter, LogPipelineCounters, build_log_exporter
 from spyglass.process_hooks import call_at_exit
 from spyglass.redaction import Redactor, escape_control_characters, escape_json_line_breaks
 
@@ -544,15 +544,25 @@ class AccessLog:
         # The common case, rendered from a template: method and route come from small fixed
         # sets (their JSON is cached) and only the path, which a client chooses, may need escaping.
         ids = f',"trace_id":"{trace_id}","span_id":"{span_id}"' if trace_id else ""
-        path_json = _json_string(path) if _NEEDS_ESCAPE(path) else '"' + path + '"'
+        plain_path = not _NEEDS_ESCAPE(path)
+        path_json = '"' + path + '"' if plain_path else _json_string(path)
+        level = "error" if error else "info"
+        duration = f"{seconds:.6f}"
+        timestamp = _utc_timestamp()
         line = (
-            f'{{"event":"request","level":"{"error" if error else "info"}","logger":"spyglass.access",'
+            f'{{"event":"request","level":"{level}","logger":"spyglass.access",'
             f'"http.request.method":{self._json(method)},"http.route":{self._json(route)},'
             f'"url.path":{path_json},'
-            f'"http.response.status_code":{status},"http.server.request.duration":{seconds:.6f},'
-            f'"timestamp":"{_utc_timestamp()}","service.name":{self._service_json}{ids}}}\n'
+            f'"http.response.status_code":{status},"http.server.request.duration":{duration},'
+            f'"timestamp":"{timestamp}","service.name":{self._service_json}{ids}}}\n'
         )
-        writer.write(line.encode("utf-8", "backslashreplace"))
+        if not (plain_path and _exporters):
+            writer.write(line.encode("utf-8", "backslashreplace"))
+            return
+        # Exported lines carry their fields: the exporter need not parse them back.
+        access = AccessLine(line.encode("utf-8", "backslashreplace"))
+        access.fields = AccessFields(level, method, route, path, status, duration, timestamp, trace_id, span_id)
+        writer.write(access)
 
     def _json(self, value: str) -> str:
         encoded = self._json_cache.get(value)

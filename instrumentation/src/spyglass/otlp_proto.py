@@ -3,8 +3,12 @@
 The OpenTelemetry SDK's OTLP exporters build a protobuf message object per span, attribute and
 value before serialising them (about 60 µs per HTTP server span, and 30 µs per log record after
 15 µs spent building the record, on the benchmark machine); this module writes the same bytes
-directly, reusing the encoding of attribute names and of the (key, value) pairs that repeat from
-item to item (method, scheme, host, route...). The result parses to the message the SDK's ``encode_spans`` and
+directly (about 9 µs per HTTP server span, 10 µs per log line, 6 µs per access line), reusing the
+encoding of attribute names and of the (key, value) pairs that repeat from item to item (method,
+scheme, host, route...). spyglass's own light spans are read from their fields rather than through
+the ``ReadableSpan`` properties, log lines are read and encoded in one pass, and access lines
+(:class:`spyglass.log_export.AccessLine`) are encoded from the fields they were rendered from,
+without parsing the JSON back. The result parses to the message the SDK's ``encode_spans`` and
 ``encode_logs`` build (held equal by tests), so a collector cannot tell them apart; the one
 difference is that a link's ``trace_state`` is sent, which the SDK's encoder leaves out.
 A string that is not valid Unicode (a lone surrogate) is sent with U+FFFD in its place, where the
@@ -14,14 +18,28 @@ SDK's encoder would fail and lose the whole batch.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+from opentelemetry._logs import SeverityNumber
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from spyglass.log_export import LineFields, parse_line
+from spyglass.light_span import LightSpan
+from spyglass.log_export import (
+    _RECORD_FIELDS,
+    _SEVERITIES,
+    AccessFields,
+    AccessLine,
+    LineFields,
+    _attribute_value,
+    _hex_id,
+    _time_ns,
+    parse_line,
+)
 
 __all__ = [
     "REPEATING_KEYS",
@@ -78,10 +96,12 @@ _KEY_CACHE_SIZE = 1024
 
 def _varint(value: int) -> bytes:
     """A protobuf varint (negative numbers as their 64-bit two's complement, as int64 does)."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if value < 0:
         value += 1 << 64
-    if value < 0x80:
-        return bytes((value,))
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -90,9 +110,15 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
+_LENGTH_TAGS = tuple(_varint(number << 3 | 2) for number in range(32))
+"""The tag of length-delimited field ``number`` (OTLP's field numbers are all below 32)."""
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    size = len(payload)
+    return _LENGTH_TAGS[number] + (_ONE_BYTE[size] if size < 0x80 else _varint(size)) + payload
 
 
 def _text(value: str) -> bytes:
@@ -147,6 +173,16 @@ def _key_field(key: str) -> bytes:
     return encoded
 
 
+def _cached_pair(number: int, key: str, value: str | int) -> bytes:
+    entry = (number, key, value, type(value))
+    encoded = _PAIR_CACHE.get(entry)
+    if encoded is None:
+        if len(_PAIR_CACHE) >= _PAIR_CACHE_SIZE:
+            _PAIR_CACHE.clear()
+        encoded = _PAIR_CACHE[entry] = _field(number, _key_value(key, value))
+    return encoded
+
+
 def encode_attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
     """The repeated ``KeyValue`` field ``number`` for ``attributes``.
 
@@ -156,18 +192,19 @@ def encode_attributes(number: int, attributes: Mapping[str, Any] | None) -> byte
     if not attributes:
         return b""
     plain = attributes.copy() if hasattr(attributes, "copy") else dict(attributes)
-    pairs = _PAIR_CACHE
     parts = []
     for key, value in plain.items():
         kind = type(value)
         if key in REPEATING_KEYS and (kind is str or kind is int or kind is bool):
-            entry = (number, key, value, kind)
-            encoded = pairs.get(entry)
-            if encoded is None:
-                if len(pairs) >= _PAIR_CACHE_SIZE:
-                    pairs.clear()
-                encoded = pairs[entry] = _field(number, _key_value(key, value))
-            parts.append(encoded)
+            parts.append(_cached_pair(number, key, value))
+        elif kind is str:
+            # Inline for the common case, a string that varies (a path, an address, an id).
+            try:
+                text = value.encode("utf-8")
+            except UnicodeEncodeError:
+                text = _text(value)
+            any_value = _field(1, text)
+            parts.append(_field(number, _key_field(key) + _field(2, any_value)))
         else:
             parts.append(_field(number, _key_value(key, value)))
     return b"".join(parts)
@@ -221,6 +258,8 @@ def _status(status: Any) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
+    if type(span) is LightSpan:
+        return _light_span(span)
     context = span.get_span_context()
     parent = span.parent
     parts = [
@@ -245,6 +284,47 @@ def _span(span: ReadableSpan) -> bytes:
     parts.append(_status(span.status))
     parts.append(b"\x85\x01" + _FIXED32(_flags(parent)))
     return b"".join(parts)
+
+
+def _light_span(span: LightSpan) -> bytes:
+    """:func:`_span` for spyglass's own span class, read from its fields rather than its properties."""
+    parent = span._parent
+    trace_state = span._context.trace_state
+    name = span._name
+    parts = [
+        b"\x0a\x10" + span._trace_id.to_bytes(16, "big") + b"\x12\x08" + span._span_id.to_bytes(8, "big"),
+    ]
+    if trace_state:
+        parts.append(_trace_state(trace_state))
+    if parent is not None:
+        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    if name:
+        parts.append(_field(5, _text(name)))
+    parts.append(_KIND_FIELDS[span._kind])
+    start, end = span._start_time, span._end_time
+    if start:
+        parts.append(b"\x39" + _FIXED64(start))
+    if end:
+        parts.append(b"\x41" + _FIXED64(end))
+    parts.append(encode_attributes(9, span._attributes))
+    parts.append(_uint(10, span.dropped_attributes))
+    if type(span._events) is not tuple:  # a span without events keeps the shared empty tuple
+        parts += [_field(11, _event(event)) for event in span._events]
+        parts.append(_uint(12, span.dropped_events))
+    if type(span._links) is not tuple:
+        parts += [_field(13, _link(link)) for link in span._links]
+        parts.append(_uint(14, span.dropped_links))
+    status = span._status
+    unset = status.status_code is StatusCode.UNSET and not status.description
+    parts.append(_UNSET_STATUS if unset else _status(status))
+    parts.append(_LOCAL_PARENT_FLAGS if parent is None or not parent.is_remote else _REMOTE_PARENT_FLAGS)
+    return b"".join(parts)
+
+
+_KIND_FIELDS = {kind: _uint(6, number) for kind, number in _KINDS.items()}
+_UNSET_STATUS = _field(15, b"")
+_LOCAL_PARENT_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+_REMOTE_PARENT_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 
 
 def _scope(scope: Any) -> bytes:
@@ -279,20 +359,136 @@ def encode_spans_request(spans: Sequence[ReadableSpan]) -> bytes:
 
 
 def _log_record(fields: LineFields) -> bytes:
-    parts = [b"\x09" + _FIXED64(fields.timestamp_ns)]
-    severity = int(fields.severity_number.value)
-    if severity:
-        parts.append(b"\x10" + _varint(severity))
-    if fields.severity_text:
-        parts.append(_field(3, _text(fields.severity_text)))
-    parts.append(_field(5, encode_any_value(fields.body)))
-    parts.append(encode_attributes(6, fields.attributes))
+    """The body of a ``LogRecord`` for a parsed line (lines that are not JSON objects)."""
+    severity = _severity(fields.severity_number, fields.severity_text)
+    parts = [
+        b"\x09" + _FIXED64(fields.timestamp_ns) + severity,
+        _field(5, encode_any_value(fields.body)),
+        encode_attributes(6, fields.attributes),
+    ]
     if fields.trace_id:
-        parts.append(b"\x45" + _FIXED32(1))  # flags: sampled (the line was written inside a recorded span)
-        parts.append(b"\x4a\x10" + fields.trace_id.to_bytes(16, "big"))
-        parts.append(b"\x52\x08" + fields.span_id.to_bytes(8, "big"))
+        parts.append(_trace_fields(fields.trace_id, fields.span_id))
     parts.append(b"\x59" + _FIXED64(fields.observed_ns))
     return b"".join(parts)
+
+
+def _severity(number: Any, text: str | None) -> bytes:
+    value = int(number.value)
+    return (b"\x10" + _varint(value) if value else b"") + (_field(3, _text(text)) if text else b"")
+
+
+def _trace_fields(trace_id: int, span_id: int) -> bytes:
+    # flags: sampled (the line was written inside a recorded span)
+    return b"\x45\x01\x00\x00\x00\x4a\x10" + trace_id.to_bytes(16, "big") + b"\x52\x08" + span_id.to_bytes(8, "big")
+
+
+_LEVEL_FIELDS: dict[str, bytes] = {}
+"""The encoded severity number and text of each ``level`` value seen (bounded)."""
+
+
+def _level_fields(level: Any) -> bytes:
+    encoded = _LEVEL_FIELDS.get(level) if type(level) is str else None
+    if encoded is None:
+        name = str(level).lower()
+        encoded = _severity(_SEVERITIES.get(name, SeverityNumber.UNSPECIFIED), name.upper() or None)
+        if type(level) is str and len(_LEVEL_FIELDS) < 64:
+            _LEVEL_FIELDS[level] = encoded
+    return encoded
+
+
+def _line_record(line: bytes) -> tuple[str | None, bytes]:
+    """The scope name and ``LogRecord`` body of one rendered line, read and encoded in one pass.
+
+    The record is the one :func:`spyglass.log_export.parse_line` describes (held equal by tests);
+    a line that is not a JSON object goes through ``parse_line`` itself.
+    """
+    if type(line) is AccessLine:
+        return _ACCESS_SCOPE, _access_record(line.fields)
+    try:
+        fields = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        fields = None
+    if type(fields) is not dict:
+        parsed = parse_line(line)
+        return parsed.scope_name, _log_record(parsed)
+    attributes = []
+    for key, value in fields.items():
+        if value is None or key in _RECORD_FIELDS:
+            continue
+        kind = type(value)
+        if kind is str:
+            if key in REPEATING_KEYS:
+                attributes.append(_cached_pair(6, key, value))
+                continue
+            try:
+                text = value.encode("utf-8")
+            except UnicodeEncodeError:
+                text = _text(value)
+            any_value = _field(1, text)
+        else:
+            if kind is not float:
+                value = _attribute_value(value)
+            any_value = encode_any_value(value)
+        name = "exception.stacktrace" if key == "exception" else key
+        attributes.append(_field(6, _key_field(name) + _field(2, any_value)))
+    event = fields.get("event", "")
+    body = event if type(event) is str else orjson.dumps(event).decode("utf-8")
+    trace_id = _hex_id(fields.get("trace_id"), 32)
+    span_id = _hex_id(fields.get("span_id"), 16) if trace_id else 0
+    logger_name = fields.get("logger")
+    record = (
+        b"\x09"
+        + _FIXED64(_time_ns(fields.get("timestamp")))
+        + _level_fields(fields.get("level", ""))
+        + _field(5, _field(1, _text(body)))
+        + b"".join(attributes)
+        + (_trace_fields(trace_id, span_id) if trace_id and span_id else b"")
+        + b"\x59"
+        + _FIXED64(time.time_ns())
+    )
+    return (logger_name if isinstance(logger_name, str) else None), record
+
+
+_ACCESS_SCOPE = "spyglass.access"
+_ACCESS_HEADS: dict[tuple[str, str, str], bytes] = {}
+_STATUS_KEY = "http.response.status_code"
+_DURATION_KEY = "http.server.request.duration"
+
+
+def _access_record(fields: AccessFields) -> bytes:
+    """The ``LogRecord`` body of an access line, from the fields it was rendered from.
+
+    Severity, body, method and route repeat from request to request: their encoding is kept.
+    """
+    head_key = (fields.level, fields.method, fields.route)
+    head = _ACCESS_HEADS.get(head_key)
+    if head is None:
+        head = (
+            _level_fields(fields.level)
+            + _field(5, _field(1, b"request"))
+            + _cached_pair(6, "http.request.method", fields.method)
+            + _cached_pair(6, "http.route", fields.route)
+        )
+        if len(_ACCESS_HEADS) < 1024:
+            _ACCESS_HEADS[head_key] = head
+    path = _field(2, _field(1, _text(fields.path)))
+    trace_id = _hex_id(fields.trace_id, 32)
+    span_id = _hex_id(fields.span_id, 16) if trace_id else 0
+    return (
+        b"\x09"
+        + _FIXED64(_time_ns(fields.timestamp))
+        + head
+        + _field(6, _URL_PATH_KEY + path)
+        + _cached_pair(6, _STATUS_KEY, fields.status)
+        + _field(6, _DURATION_KEY_FIELD + b"\x12\x09\x21" + _DOUBLE(float(fields.duration)))
+        + (_trace_fields(trace_id, span_id) if trace_id and span_id else b"")
+        + b"\x59"
+        + _FIXED64(time.time_ns())
+    )
+
+
+_URL_PATH_KEY = _field(1, b"url.path")
+_DURATION_KEY_FIELD = _field(1, _DURATION_KEY.encode())
 
 
 def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> bytes:
@@ -303,8 +499,11 @@ def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> byte
     """
     scopes: dict[str | None, list[bytes]] = {}
     for line in lines:
-        fields = parse_line(line)
-        scopes.setdefault(fields.scope_name, []).append(_field(2, _log_record(fields)))
+        name, record = _line_record(line)
+        records = scopes.get(name)
+        if records is None:
+            records = scopes[name] = []
+        records.append(_field(2, record))
     body = [_field(1, encode_attributes(1, resource.attributes))]
     for name, records in scopes.items():
         body.append(_field(2, _field(1, _field(1, _text(name)) if name else b"") + b"".join(records)))
