@@ -96,6 +96,8 @@ class ScrapeResult:
     body_bytes: int
     tasks_counted: float
     run_seconds: float
+    failed_polls: int = 0
+    """Polls of the endpoint, while the tasks ran, that it answered with an error (not timed scrapes)."""
 
     @property
     def median(self) -> float:
@@ -105,6 +107,10 @@ class ScrapeResult:
     def p95(self) -> float:
         """95th percentile scrape time, ms (see :func:`benchmarks.report.p95`)."""
         return report.p95(self.scrape_ms)
+
+
+class ScrapeFailed(BenchmarkError):
+    """The endpoint answered a scrape with an error status."""
 
 
 def scrape(port: int) -> tuple[float, str, str]:
@@ -119,7 +125,7 @@ def scrape(port: int) -> tuple[float, str, str]:
         connection.close()
     elapsed_ms = (time.perf_counter() - started) * 1000
     if response.status != 200:
-        raise BenchmarkError(f"GET /metrics answered {response.status}")
+        raise ScrapeFailed(f"GET /metrics answered {response.status}")
     return elapsed_ms, response.getheader("Content-Type", ""), body.decode("utf-8")
 
 
@@ -134,10 +140,19 @@ def tasks_counted(variant: str, content_type: str, body: str) -> float:
     )
 
 
-def _counted_now(variant: str, port: int) -> float:
+def _counted_now(variant: str, port: int, failures: list[str]) -> float:
+    """Tasks the endpoint counts now; -1 when it is not listening yet or answered an error (kept in ``failures``).
+
+    prometheus_client's multi-process collector can fail a scrape that reads the file of a pool
+    process still being created (an empty file: ``struct.error``, answered 500): while the tasks
+    run, such a poll is counted and the next one tried, as Prometheus would at its next scrape.
+    """
     try:
         _ms, content_type, body = scrape(port)
     except OSError:  # not listening yet
+        return -1.0
+    except ScrapeFailed as exc:
+        failures.append(str(exc))
         return -1.0
     return tasks_counted(variant, content_type, body)
 
@@ -169,12 +184,14 @@ def _metric_files(directory: Path) -> int:
     return sum(1 for entry in os.scandir(directory) if entry.is_file())
 
 
-def _run_tasks(variant: str, worker: Worker, port: int, tasks: int) -> float:
-    """Wait until the endpoint counts all ``tasks``; return the seconds it took."""
+def _run_tasks(variant: str, worker: Worker, port: int, tasks: int, failures: list[str]) -> float:
+    """Wait until the endpoint counts all ``tasks``; return the seconds it took (failed polls go to ``failures``)."""
     started = time.monotonic()
     timeout = 120 + tasks * 0.5
     try:
-        done = wait_until(lambda: _counted_now(variant, port) >= tasks, timeout, interval=1.0, process=worker.process)
+        done = wait_until(
+            lambda: _counted_now(variant, port, failures) >= tasks, timeout, interval=1.0, process=worker.process
+        )
     except BenchmarkError as exc:
         raise BenchmarkError(f"{variant}: the worker died ({exc}):\n{worker.log_tail()}") from None
     if not done:
@@ -219,7 +236,8 @@ def measure_variant(variant: str, broker: str, tasks: int, scrapes: int, logleve
                 loglevel=loglevel,
                 concurrency=CONCURRENCY,
             )
-            run_seconds = _run_tasks(variant, worker, port, tasks)
+            failures: list[str] = []
+            run_seconds = _run_tasks(variant, worker, port, tasks, failures)
             _settle(variant, workdir / "metrics", worker)
             scrape(port)  # an untimed first scrape: lazily built state, if any, is not what is measured
             timings, content_type, body = [], "", ""
@@ -233,6 +251,7 @@ def measure_variant(variant: str, broker: str, tasks: int, scrapes: int, logleve
                 body_bytes=len(body.encode("utf-8")),
                 tasks_counted=tasks_counted(variant, content_type, body),
                 run_seconds=run_seconds,
+                failed_polls=len(failures),
             )
         finally:
             if worker is not None:
@@ -245,14 +264,15 @@ def render_table(results: Sequence[ScrapeResult], tasks: int) -> str:
     """The result table in Markdown."""
     lines = [
         f"| Variant | Scrape ms: median | p95 | min{DASH}max | Files in metrics directory | Body bytes "
-        "| Tasks counted | Worker start to all tasks counted (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Tasks counted | Worker start to all tasks counted (s) | Polls answered with an error while tasks ran |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         lines.append(
             f"| {result.name} | {result.median:.1f} | {result.p95:.1f} "
             f"| {min(result.scrape_ms):.1f}{DASH}{max(result.scrape_ms):.1f} | {result.files:,} "
-            f"| {result.body_bytes:,} | {result.tasks_counted:,.0f} of {tasks:,} | {result.run_seconds:.0f} |"
+            f"| {result.body_bytes:,} | {result.tasks_counted:,.0f} of {tasks:,} | {result.run_seconds:.0f} "
+            f"| {result.failed_polls:,} |"
         )
     return "\n".join(lines)
 
@@ -337,7 +357,9 @@ def render_section(results: Sequence[ScrapeResult], tasks: int, scrapes: int, lo
             "publisher for spyglass, by plain Celery for the peer), then `celery -A benchmarks.celery_app "
             f"worker --pool=prefork --concurrency={CONCURRENCY} --max-tasks-per-child=1 --without-mingle "
             f"--without-gossip --loglevel={loglevel}` runs them, its metrics directory empty at start. The "
-            "benchmark polls the endpoint (once a second) until it counts every task; for spyglass it then "
+            "benchmark polls the endpoint (once a second) until it counts every task (a poll answered with an "
+            "error is counted, in the last column, and the next one tried: prometheus_client's collector fails "
+            "a scrape that reads the file of a pool process still being created); for spyglass it then "
             "waits until exited pool processes are folded in (its main process does that once a second, in "
             "the background), which is the state Prometheus sees between two scrapes. After one untimed "
             "scrape, each timed scrape opens a new connection, sends the `Accept` header Prometheus sends "
@@ -378,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"{variant:<22} scrape median {result.median:8.1f} ms  p95 {result.p95:8.1f} ms  "
                     f"{result.files:,} files  {result.tasks_counted:,.0f} tasks counted "
-                    f"({time.monotonic() - started:.0f} s in all)",
+                    f"{result.failed_polls} failed polls ({time.monotonic() - started:.0f} s in all)",
                     file=sys.stderr,
                     flush=True,
                 )

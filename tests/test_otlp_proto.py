@@ -184,6 +184,36 @@ def test_light_spans_with_a_remote_parent_links_and_events_encode_as_the_sdk_enc
     assert _without_link_trace_state(ours) == encode_spans([finished])
 
 
+# Around 128 bytes a protobuf length takes two bytes: string values of every length near it, one of
+# them made longer by multi-byte characters, for each of the nested lengths of a KeyValue.
+_BOUNDARY_LENGTHS = (0, 1, 100, 105, 106, 107, 108, 109, 110, 120, 125, 126, 127, 128, 129, 200, 20_000)
+
+
+def test_string_values_of_every_length_near_a_length_byte_boundary_encode_as_the_sdk_encodes_them(
+    provider: tuple[TracerProvider, _Keep],
+) -> None:
+    """Paths and addresses of any length (short ones put together in one piece, long ones field by
+    field) encode as the SDK encodes them, on light spans and on log lines.
+    """
+    tracer_provider, kept = provider
+    starter = LightSpanStarter(tracer_provider, "spyglass.flask", "0.1.0")
+    values = ["x" * length for length in _BOUNDARY_LENGTHS] + ["é" * length for length in (40, 60, 63, 64, 100)]
+    for value in values:
+        span, *_ = starter.start("GET", None, {"url.path": value, "client.address": value[:130]})
+        span.end()  # type: ignore[attr-defined]
+    assert len(kept.spans) == len(values)
+    assert ExportTraceServiceRequest.FromString(encode_spans_request(kept.spans)) == encode_spans(kept.spans)
+    resource = Resource.create({"service.name": "shop"})
+    lines = [
+        b'{"event":"checked","level":"info","logger":"shop","timestamp":"2026-11-23T06:43:33.866235Z",'
+        b'"exception":"%s","path":"%s"}' % (value.encode(), value[:110].encode())
+        for value in values
+    ]
+    ours = ExportLogsServiceRequest.FromString(encode_log_lines_request(lines, resource))
+    sdk = encode_logs([line_to_log_record(line, resource) for line in lines])
+    assert _without_observed_time(ours) == _without_observed_time(sdk)
+
+
 def test_a_lone_surrogate_is_sent_as_a_replacement_character(provider: tuple[TracerProvider, _Keep]) -> None:
     """A string that is not valid Unicode costs one character, not the batch (the SDK's encoder raises)."""
     tracer_provider, kept = provider
@@ -288,6 +318,7 @@ def access_lines(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     access.http_request(
         "GET", "/search", '/search/"quoted"', 200, 0.002, "8d7c6f20b4a453441b1543b77e081b9e", "af7f6d66e8f5a2e1"
     )
+    access.http_request("GET", "/files/<path:name>", "/files/" + "a" * 200, 200, 0.003, "", "")  # past 127 bytes
     return written
 
 
@@ -298,7 +329,7 @@ def test_access_lines_carry_their_fields_and_encode_as_their_parsed_bytes(access
     """
     from spyglass.log_export import AccessLine
 
-    assert [type(line) is AccessLine for line in access_lines] == [True, True, True, False]
+    assert [type(line) is AccessLine for line in access_lines] == [True, True, True, False, True]
     resource = Resource.create({"service.name": "shop"})
     from_fields = ExportLogsServiceRequest.FromString(encode_log_lines_request(access_lines, resource))
     from_bytes = ExportLogsServiceRequest.FromString(
