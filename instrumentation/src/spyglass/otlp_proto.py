@@ -452,16 +452,16 @@ def _line_record(line: bytes) -> tuple[str | None, bytes]:
     for key, value in fields.items():
         if value is None or key in _RECORD_FIELDS:
             continue
+        name = "exception.stacktrace" if key == "exception" else key
         kind = type(value)
         if kind is str:
             if key in REPEATING_KEYS:
                 attributes.append(_cached_pair(6, key, value))
             else:
-                attributes.append(_string_pair(6, "exception.stacktrace" if key == "exception" else key, value))
+                attributes.append(_string_pair(6, name, value))
             continue
         if kind is not float:
             value = _attribute_value(value)
-        name = "exception.stacktrace" if key == "exception" else key
         attributes.append(_field(6, _key_field(name) + _field(2, encode_any_value(value))))
     event = fields.get("event", "")
     body = event if type(event) is str else orjson.dumps(event).decode("utf-8")
