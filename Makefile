@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# Debian packages the tests and the native demo run (binary:package); wrk loads gunicorn in the benchmark tests.
+# Debian packages the tests and the native demo run (binary:package); wrk loads gunicorn and valgrind
+# counts a gunicorn worker's instructions in the benchmark tests.
 SYSTEM_BINARIES := prometheus:prometheus promtool:prometheus amtool:prometheus-alertmanager \
-	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server wrk:wrk node:nodejs npm:npm
+	prometheus-alertmanager:prometheus-alertmanager redis-server:redis-server wrk:wrk valgrind:valgrind \
+	node:nodejs npm:npm
 
 .PHONY: all test lint demo stack stack-env bench bench-celery docs dashboards rules kubernetes venv system-deps compose-cli kubernetes-validator clean
 

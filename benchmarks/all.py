@@ -49,6 +49,11 @@ BENCHMARKS = (
         ("--repetitions", "1", "--warmup", "1", "--duration", "2"),
     ),
     Benchmark(
+        "http-instructions",
+        "benchmarks.worker_instructions",
+        ("--variants", "spyglass", "--small", "10", "--large", "30", "--warmup", "5"),
+    ),
+    Benchmark(
         "in-process",
         "benchmarks.run",
         ("--repetitions", "1", "--warmup", "50", "--requests", "500", "--tasks", "300", "--instructions", "no"),

@@ -57,7 +57,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks import report
 from benchmarks.celery_processes import BenchmarkError, free_port, wait_until
 
-__all__ = ["DESCRIPTIONS", "Run", "VariantResult", "main", "measure_variant", "render_section"]
+__all__ = [
+    "DESCRIPTIONS",
+    "Run",
+    "VariantResult",
+    "main",
+    "measure_variant",
+    "render_section",
+    "variant_command",
+    "variant_environment",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "http-load"
@@ -146,9 +155,18 @@ def _clean_environment() -> dict[str, str]:
     }
 
 
-def _variant_command(name: str, port: int) -> list[str]:
+def variant_command(name: str, port: int, workers: int = 2, timeout_s: int = 30) -> list[str]:
+    """The command line serving variant ``name`` on 127.0.0.1:``port`` (``timeout_s``: gunicorn's worker timeout)."""
     bin_dir = Path(sys.executable).parent
-    gunicorn = [str(bin_dir / "gunicorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}"]
+    gunicorn = [
+        str(bin_dir / "gunicorn"),
+        "--workers",
+        str(workers),
+        "--timeout",
+        str(timeout_s),
+        "--bind",
+        f"127.0.0.1:{port}",
+    ]
     app = "benchmarks.load_app:app"
     if name.startswith("spyglass"):
         return [*gunicorn, "--config", "python:spyglass.gunicorn", app]
@@ -159,7 +177,8 @@ def _variant_command(name: str, port: int) -> list[str]:
     return [*gunicorn, app]
 
 
-def _variant_environment(name: str, workdir: Path, sink: str, metrics_port: int) -> dict[str, str]:
+def variant_environment(name: str, workdir: Path, sink: str, metrics_port: int) -> dict[str, str]:
+    """The environment of variant ``name``: the caller's, without telemetry settings, plus the variant's own."""
     environment = _clean_environment()
     environment["PYTHONPATH"] = str(ROOT)
     if name.startswith("spyglass"):
@@ -263,9 +282,9 @@ def gunicorn(name: str, sink: str) -> Iterator[Server]:
         port, metrics_port = free_port(), free_port()
         output = (workdir / "server.log").open("wb")
         process = subprocess.Popen(
-            _variant_command(name, port),
+            variant_command(name, port),
             cwd=ROOT,
-            env=_variant_environment(name, workdir, sink, metrics_port),
+            env=variant_environment(name, workdir, sink, metrics_port),
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -52,6 +52,7 @@ DEFAULT_OUTPUT = ROOT / "docs" / "performance.md"
 SECTIONS = (
     "summary",
     "http-load",
+    "http-instructions",
     "http",
     "celery-throughput",
     "celery-scrape",

@@ -12,13 +12,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from benchmarks import report
 
 REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT_S = 120
 
 
-def run_benchmark(module: str, arguments: Sequence[str], figures_path: Path) -> subprocess.CompletedProcess[str]:
+def run_benchmark(
+    module: str, arguments: Sequence[str], figures_path: Path, timeout_s: float = _TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m benchmarks.MODULE`` with ``arguments``, not writing the report; fail on a non-zero exit."""
     completed = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", *arguments, "--no-write", "--figures", str(figures_path)],
@@ -26,7 +30,7 @@ def run_benchmark(module: str, arguments: Sequence[str], figures_path: Path) -> 
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=_TIMEOUT_S,
+        timeout=timeout_s,
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -122,6 +126,30 @@ def test_http_load_serves_under_wrk_and_every_request_reaches_the_backends() -> 
     assert spyglass.spans is not None and spyglass.served <= spyglass.spans <= spyglass.served + in_flight
     assert spyglass.counted is not None and spyglass.served <= spyglass.counted <= spyglass.served + in_flight
     assert exporter.counted is not None and exporter.served <= exporter.counted <= exporter.served + in_flight
+
+
+def test_worker_instructions_count_what_spyglass_adds_to_a_gunicorn_worker_per_request(tmp_path: Path) -> None:
+    """The instructions of each variant's one gunicorn worker are counted by valgrind, per request served.
+
+    The baseline's worker runs gunicorn and Flask only, so spyglass's (a span, metrics, an access
+    line, and their export on the worker's own threads) executes more per request; the summary
+    figure is spyglass's count against the baseline's, and the section states the instruction
+    budget that keeping 0.85 of the throughput would allow.
+    """
+    figures_path = tmp_path / "http-instructions.json"
+    completed = run_benchmark(
+        "worker_instructions",
+        ["--variants", "spyglass", "--small", "10", "--large", "30", "--warmup", "5"],
+        figures_path,
+        timeout_s=600,
+    )
+    rows = dict(re.findall(r"^\| (none|spyglass) \| ([\d,]+) \|", completed.stdout, re.MULTILINE))
+    none, spyglass = (float(rows[name].replace(",", "")) for name in ("none", "spyglass"))
+    assert 100_000 < none < spyglass, rows  # a Flask request through gunicorn is hundreds of thousands
+    assert "keeping 0.85 of none's throughput would allow at most" in completed.stdout
+    (figure,) = report.read_figures(figures_path)
+    assert figure.measure == "instructions/request, spyglass" and figure.against == "none"
+    assert figure.ratio == pytest.approx(spyglass / none, rel=1e-5) and figure.noise == "deterministic"
 
 
 def test_in_process_benchmark_measures_spyglass_against_the_floor_per_request_and_per_task(tmp_path: Path) -> None:

@@ -1,0 +1,309 @@
+"""Instructions a gunicorn worker executes per request, counted by valgrind: the load benchmark without its noise.
+
+    python -m benchmarks.worker_instructions [--small 512] [--large 1536] [--variants ...]
+
+The throughput of :mod:`benchmarks.http_load` moves by 10 to 20 % from run to run on a shared
+machine; the number of instructions a worker executes per request does not move at all. Each
+variant of that benchmark is started as it is there (same command, same environment, same OTLP
+sink) but with one worker, under ``valgrind --tool=callgrind``. A sequential client sends a
+warm-up and then ``small`` (or ``large``) requests; the server is stopped gracefully, so the worker
+exports what it still holds; and the worker's count at ``large`` minus its count at ``small``,
+divided by ``large - small``, is the figure. Every thread of the worker is counted, so building
+and sending spans and log records in the background is included.
+
+Under valgrind the worker serves tens of requests per second instead of thousands, which would
+make time-driven batching send small batches. The runs therefore set the batch delays
+(``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BLRP_SCHEDULE_DELAY``, ``OTEL_METRIC_EXPORT_INTERVAL``) to
+ten minutes and ``SPYGLASS_LOG_FLUSH_INTERVAL`` to its maximum, one minute: batches leave when
+full, as they do under load, and ``large - small`` defaults to a multiple of the batch size (512).
+Counts are user space only: system calls and waiting on memory are not in them.
+
+Writes the section ``http-instructions`` of docs/performance.md (see :mod:`benchmarks.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks import http_load, report
+from benchmarks.celery_processes import BenchmarkError, free_port, wait_until
+
+__all__ = [
+    "BATCHING_ENVIRONMENT",
+    "BATCH_SIZE",
+    "SECTION",
+    "figures",
+    "main",
+    "measure_variants",
+    "render_section",
+    "worker_instructions",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "http-instructions"
+BASELINE = http_load.BASELINE
+TARGET_RATIO = http_load.TARGET_RATIO
+BATCH_SIZE = 512
+"""The span and log batch size of every variant (the OpenTelemetry default)."""
+BATCHING_ENVIRONMENT = {
+    "OTEL_BSP_SCHEDULE_DELAY": "600000",
+    "OTEL_BLRP_SCHEDULE_DELAY": "600000",
+    "OTEL_METRIC_EXPORT_INTERVAL": "600000",
+    "SPYGLASS_LOG_FLUSH_INTERVAL": "60",
+}
+"""Batches leave when full, as under load, not on a timer that fires every few requests under valgrind."""
+_TOTALS = re.compile(r"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
+_READY_TIMEOUT_S = 300.0
+_STOP_TIMEOUT_S = 300.0
+_WORKER_TIMEOUT_S = 3600
+DASH = "\u2013"
+TIMES = "\u00d7"
+DIVIDE = "\u00f7"
+
+
+def _count_from_file(path: Path) -> int:
+    match = _TOTALS.search(path.read_text(errors="replace"))
+    if match is None:
+        raise BenchmarkError(f"{path.name} holds no instruction total")
+    return int(match.group(1))
+
+
+def _request(port: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", http_load.PATH, headers={"User-Agent": "spyglass-bench"})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise BenchmarkError(f"GET {http_load.PATH} answered {response.status}")
+    finally:
+        connection.close()
+
+
+def _answers(port: int) -> bool:
+    try:
+        _request(port)
+    except (OSError, BenchmarkError):
+        return False
+    return True
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the worker exports what it holds and exits), then SIGKILL whatever is left of the group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=_STOP_TIMEOUT_S)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(timeout=10)
+
+
+def worker_instructions(name: str, sink: str, requests: int, warmup: int) -> int:
+    """Instructions executed by the single worker of variant ``name`` over its life, serving ``warmup + requests``.
+
+    The count covers the worker from its fork to its exit (every thread); the master is not counted.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"bench-instr-{name}-") as directory:
+        workdir = Path(directory)
+        port, metrics_port = free_port(), free_port()
+        environment = http_load.variant_environment(name, workdir, sink, metrics_port)
+        environment.update(BATCHING_ENVIRONMENT)
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--trace-children=yes",  # opentelemetry-instrument execs gunicorn
+            f"--callgrind-out-file={workdir}/callgrind.%p",
+            sys.executable,
+            *http_load.variant_command(name, port, workers=1, timeout_s=_WORKER_TIMEOUT_S),
+        ]
+        with (workdir / "server.log").open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                if not wait_until(lambda: _answers(port), _READY_TIMEOUT_S, interval=1.0, process=process):
+                    raise BenchmarkError(f"{name}: gunicorn under valgrind did not answer in {_READY_TIMEOUT_S:.0f} s")
+                for _ in range(warmup + requests - 1):  # the request that found the server ready is the first
+                    _request(port)
+            except BenchmarkError as exc:
+                _stop(process)
+                tail = (workdir / "server.log").read_text(errors="replace").splitlines()[-20:]
+                raise BenchmarkError(f"{name}: {exc}\n" + "\n".join(tail)) from exc
+            _stop(process)
+        workers = [path for path in workdir.glob("callgrind.*") if path.name != f"callgrind.{process.pid}"]
+        if len(workers) != 1:
+            raise BenchmarkError(f"{name}: expected the counts of one worker, found {sorted(p.name for p in workers)}")
+        return _count_from_file(workers[0])
+
+
+def measure_variants(
+    variants: Sequence[str],
+    sink: str,
+    small: int,
+    large: int,
+    warmup: int,
+    parallel: int = os.cpu_count() or 1,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict[str, float]:
+    """Instructions per request of each variant's worker: (count at ``large`` - count at ``small``) / (large - small).
+
+    Runs ``parallel`` servers at a time (valgrind runs each process's threads on one CPU).
+    """
+    if large <= small:
+        raise ValueError("large must exceed small")
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        jobs = {
+            (name, size): pool.submit(worker_instructions, name, sink, size, warmup)
+            for name in variants
+            for size in (small, large)
+        }
+        counts = {}
+        for name in variants:
+            counts[name] = (jobs[name, large].result() - jobs[name, small].result()) / (large - small)
+            if progress is not None:
+                progress(name, counts[name])
+    return counts
+
+
+def render_table(counts: dict[str, float]) -> str:
+    """One line per variant: instructions per request, what the instrumentation adds, the ratio to ``none``."""
+    base = counts[BASELINE]
+    lines = [
+        f"| Variant | Worker instructions/request | Added | {TIMES} none | none {DIVIDE} variant |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, count in counts.items():
+        added = DASH if name == BASELINE else f"+{count - base:,.0f}"
+        lines.append(f"| {name} | {count:,.0f} | {added} | {count / base:.2f} | {base / count:.2f} |")
+    return "\n".join(lines)
+
+
+def budget_sentence(counts: dict[str, float]) -> str:
+    """What keeping :data:`TARGET_RATIO` of the throughput would allow, were time proportional to instructions."""
+    base = counts[BASELINE]
+    allowed = base / TARGET_RATIO - base
+    sentence = (
+        f"Were a worker's time per request proportional to its instructions, keeping {TARGET_RATIO:.2f} of "
+        f"none's throughput would allow at most +{allowed:,.0f} instructions per request "
+        f"(none {DIVIDE} {TARGET_RATIO:.2f} {DASH} none)"
+    )
+    if "spyglass" in counts:
+        added = counts["spyglass"] - base
+        sentence += f"; spyglass at 100% sampling adds +{added:,.0f}, {added / allowed:.1f} {TIMES} that budget"
+    return sentence + "."
+
+
+def figures(counts: dict[str, float]) -> list[report.Figure]:
+    """The summary figures: each instrumented variant's worker instructions per request against ``none``."""
+    base = counts[BASELINE]
+    return [
+        report.Figure(
+            benchmark="HTTP, gunicorn worker instructions",
+            measure=f"instructions/request, {name}",
+            value=f"{count:,.0f} (none {base:,.0f})",
+            ratio=count / base,
+            against="none",
+            noise="deterministic",
+        )
+        for name, count in counts.items()
+        if name != BASELINE
+    ]
+
+
+def render_section(counts: dict[str, float], small: int, large: int, warmup: int) -> str:
+    """Render the ``http-instructions`` section of docs/performance.md."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            "<!-- Generated by `make bench` (python -m benchmarks.worker_instructions). "
+            "Do not edit: rerun it instead. -->",
+            "",
+            "# Performance: instructions per request in a gunicorn worker",
+            "",
+            f"Measured {now}: each variant of the load benchmark above, with one worker under "
+            f"`valgrind --tool=callgrind`, served {warmup:,} warm-up requests and then {small:,} or {large:,} "
+            f"more; the difference between the worker's two counts, per extra request, is shown.",
+            "",
+            render_table(counts),
+            "",
+            budget_sentence(counts),
+            "",
+            "## Machine",
+            "",
+            *report.machine_lines(http_load.PACKAGES, ["- valgrind: callgrind, every thread of the worker"]),
+            "",
+            "## Method",
+            "",
+            "Throughput on this shared machine moves by 10 to 20 % between runs; the instructions a worker "
+            "executes per request are the same in every run, so this table shows without noise what the "
+            "throughput ratios above estimate. Each variant runs exactly as in the load benchmark (same "
+            "command, environment and OTLP sink) but with `--workers 1` under valgrind; a sequential client "
+            "sends the requests, the server is stopped gracefully so that the worker exports what it still "
+            "holds, and all of the worker's threads are counted (span and log export included; the master, "
+            "which only serves `/metrics`, is not). Under valgrind a worker serves tens of requests per "
+            "second, so the timers that send batches are set long (`OTEL_BSP_SCHEDULE_DELAY`, "
+            "`OTEL_BLRP_SCHEDULE_DELAY` and `OTEL_METRIC_EXPORT_INTERVAL` to ten minutes, "
+            "`SPYGLASS_LOG_FLUSH_INTERVAL` to its maximum, one minute): "
+            f"batches leave full, as they do under load, and the two runs differ by whole batches of {BATCH_SIZE}. "
+            "Instructions are not time: system calls (the same in every variant but those that export) and "
+            "memory stalls are not counted, and the gunicorn master and wrk, which share the CPUs in the load "
+            "benchmark, are not part of this figure. Rerun with `make bench` (or "
+            "`.venv/bin/python -m benchmarks.worker_instructions --help`).",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Count, print the section and write it; non-zero only if a measurement failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=BATCH_SIZE, help="requests of the short run (default 512)")
+    parser.add_argument("--large", type=int, default=3 * BATCH_SIZE, help="requests of the long run (default 1536)")
+    parser.add_argument("--warmup", type=int, default=200, help="requests before either run's own (default 200)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(http_load.DESCRIPTIONS),
+        default=list(http_load.DESCRIPTIONS),
+        help="variants to count (none is always counted)",
+    )
+    report.add_section_options(parser)
+    args = parser.parse_args(argv)
+    if args.small < 1 or args.large <= args.small or args.warmup < 0:
+        parser.error("use 1 <= --small < --large and --warmup >= 0")
+    variants = [BASELINE, *(name for name in args.variants if name != BASELINE)]
+
+    def progress(name: str, count: float) -> None:
+        print(f"{name:<26} {count:12,.0f} instructions/request", file=sys.stderr, flush=True)
+
+    try:
+        with http_load.sink_process() as sink:
+            counts = measure_variants(variants, sink, args.small, args.large, args.warmup, progress=progress)
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    section = render_section(counts, args.small, args.large, args.warmup)
+    return report.publish_section(SECTION, section, args.output, not args.no_write, figures(counts), args.figures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
