@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.http_overhead import variant_environment
 
-__all__ = ["InstructionCountError", "measure_variants", "valgrind_available"]
+__all__ = ["InstructionCountError", "measure_variants", "per_extra_unit", "valgrind_available"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _COLLECTED = re.compile(rb"Collected\s*:\s*(\d+)")
@@ -80,6 +80,31 @@ def _count_total(variant: str, requests: int, warmup: int, environment: dict[str
     return int(match.group(1))
 
 
+def per_extra_unit(
+    count: Callable[[str, int], int],
+    variants: Sequence[str],
+    small: int,
+    large: int,
+    parallel: int = os.cpu_count() or 1,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict[str, float]:
+    """(``count(name, large)`` - ``count(name, small)``) / (large - small) for every variant name.
+
+    ``count`` runs one whole measurement under valgrind; ``parallel`` of them run at a time
+    (valgrind runs a process's threads on one core).
+    """
+    if large <= small:
+        raise ValueError("large must exceed small")
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        jobs = {(name, size): pool.submit(count, name, size) for name in variants for size in (small, large)}
+        counts = {}
+        for name in variants:
+            counts[name] = (jobs[name, large].result() - jobs[name, small].result()) / (large - small)
+            if progress is not None:
+                progress(name, counts[name])
+    return counts
+
+
 def measure_variants(
     variants: Sequence[str],
     environment: dict[str, str],
@@ -89,21 +114,7 @@ def measure_variants(
     parallel: int = os.cpu_count() or 1,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, float]:
-    """Instructions per request of every variant: (count at ``large`` - count at ``small``) / (large - small).
-
-    Runs ``parallel`` valgrind processes at a time (valgrind runs a process's threads on one core).
-    """
-    if large <= small:
-        raise ValueError("large must exceed small")
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        jobs = {
-            (name, size): pool.submit(_count_total, name, size, warmup, environment)
-            for name in variants
-            for size in (small, large)
-        }
-        counts = {}
-        for name in variants:
-            counts[name] = (jobs[name, large].result() - jobs[name, small].result()) / (large - small)
-            if progress is not None:
-                progress(name, counts[name])
-    return counts
+    """Instructions per request of every variant: (count at ``large`` - count at ``small``) / (large - small)."""
+    return per_extra_unit(
+        lambda name, size: _count_total(name, size, warmup, environment), variants, small, large, parallel, progress
+    )

@@ -35,11 +35,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import http_load, report
 from benchmarks.celery_processes import BenchmarkError, free_port, wait_until
+from benchmarks.instructions import per_extra_unit
 
 __all__ = [
     "BATCHING_ENVIRONMENT",
@@ -73,7 +73,7 @@ DASH = "\u2013"
 TIMES = "\u00d7"
 DIVIDE = "\u00f7"
 NOISE = "under 1% (valgrind)"
-"""Run-to-run variation of the counts (two full runs differed by 0.1 to 0.7 %, the most at 10 % sampling)."""
+"""Run-to-run variation of the counts (three full runs differed by 0.1 to 0.8 % per variant)."""
 
 
 def _count_from_file(path: Path) -> int:
@@ -170,22 +170,11 @@ def measure_variants(
 ) -> dict[str, float]:
     """Instructions per request of each variant's worker: (count at ``large`` - count at ``small``) / (large - small).
 
-    Runs ``parallel`` servers at a time (valgrind runs each process's threads on one CPU).
+    Runs ``parallel`` servers at a time.
     """
-    if large <= small:
-        raise ValueError("large must exceed small")
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        jobs = {
-            (name, size): pool.submit(worker_instructions, name, sink, size, warmup)
-            for name in variants
-            for size in (small, large)
-        }
-        counts = {}
-        for name in variants:
-            counts[name] = (jobs[name, large].result() - jobs[name, small].result()) / (large - small)
-            if progress is not None:
-                progress(name, counts[name])
-    return counts
+    return per_extra_unit(
+        lambda name, size: worker_instructions(name, sink, size, warmup), variants, small, large, parallel, progress
+    )
 
 
 def render_table(counts: dict[str, float]) -> str:
@@ -261,8 +250,8 @@ def render_section(counts: dict[str, float], small: int, large: int, warmup: int
             "",
             "Throughput on this shared machine moves by 10 to 20 % between runs; the instructions a worker "
             "executes per request move by under 1 % (random trace ids and sampling, hash seeds, timers), so this "
-            "table shows almost without noise what the "
-            "throughput ratios above estimate. Each variant runs exactly as in the load benchmark (same "
+            "table shows, almost without noise, how much more work each variant gives a worker. Each variant "
+            "runs exactly as in the load benchmark (same "
             "command, environment and OTLP sink) but with `--workers 1` under valgrind; a sequential client "
             "sends the requests, the server is stopped gracefully so that the worker exports what it still "
             "holds, and all of the worker's threads are counted (span and log export included; the master, "
