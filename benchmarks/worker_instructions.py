@@ -143,16 +143,19 @@ def worker_instructions(name: str, sink: str, requests: int, warmup: int) -> int
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            failure: Exception | None = None
             try:
                 if not wait_until(lambda: _answers(port), _READY_TIMEOUT_S, interval=1.0, process=process):
-                    raise BenchmarkError(f"{name}: gunicorn under valgrind did not answer in {_READY_TIMEOUT_S:.0f} s")
+                    raise BenchmarkError(f"gunicorn under valgrind did not answer in {_READY_TIMEOUT_S:.0f} s")
                 for _ in range(warmup + requests - 1):  # the request that found the server ready is the first
                     _request(port)
-            except BenchmarkError as exc:
-                _stop(process)
-                tail = (workdir / "server.log").read_text(errors="replace").splitlines()[-20:]
-                raise BenchmarkError(f"{name}: {exc}\n" + "\n".join(tail)) from exc
-            _stop(process)
+            except (BenchmarkError, OSError) as exc:  # a refused or reset connection too: reported with the log
+                failure = exc
+            finally:
+                _stop(process)  # never leaves a server behind, whatever interrupted the requests
+        if failure is not None:
+            tail = (workdir / "server.log").read_text(errors="replace").splitlines()[-20:]
+            raise BenchmarkError(f"{name}: {failure}\n" + "\n".join(tail)) from failure
         workers = [path for path in workdir.glob("callgrind.*") if path.name != f"callgrind.{process.pid}"]
         if len(workers) != 1:
             raise BenchmarkError(f"{name}: expected the counts of one worker, found {sorted(p.name for p in workers)}")

@@ -152,6 +152,21 @@ def test_worker_instructions_count_what_spyglass_adds_to_a_gunicorn_worker_per_r
     assert figure.ratio == pytest.approx(spyglass / none, rel=1e-5) and figure.noise == "under 1% (valgrind)"
 
 
+def test_worker_instructions_report_a_server_that_cannot_start_with_its_own_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A variant whose gunicorn exits at start fails the count with the server's own message, not a hang."""
+    from benchmarks import worker_instructions
+    from benchmarks.celery_processes import BenchmarkError
+
+    monkeypatch.setattr(worker_instructions, "BATCHING_ENVIRONMENT", {"SPYGLASS_LOG_FLUSH_INTERVAL": "600"})
+    with pytest.raises(BenchmarkError) as failure:
+        worker_instructions.worker_instructions("spyglass", "http://127.0.0.1:9", requests=1, warmup=0)
+    message = str(failure.value)
+    assert message.startswith("spyglass: process ") and "exited with status 1" in message
+    assert "SPYGLASS_LOG_FLUSH_INTERVAL='600' is not valid" in message
+
+
 def test_in_process_benchmark_measures_spyglass_against_the_floor_per_request_and_per_task(tmp_path: Path) -> None:
     """The in-process benchmark measures the floor beside spyglass, for requests and for Celery tasks.
 
