@@ -6,10 +6,10 @@ The throughput of :mod:`benchmarks.http_load` moves by 10 to 20 % from run to ru
 machine; the number of instructions a worker executes per request moves by under 1 % (random
 trace ids and sampling, hash seeds, timers). Each variant of that benchmark is started as it is
 there (same command, same environment, same OTLP sink) but with one worker, under
-``valgrind --tool=callgrind``. A sequential client sends a
-warm-up and then ``small`` (or ``large``) requests; the server is stopped gracefully, so the worker
-exports what it still holds; and the worker's count at ``large`` minus its count at ``small``,
-divided by ``large - small``, is the figure. Every thread of the worker is counted, so building
+``valgrind --tool=callgrind``. A sequential client sends a warm-up and then ``small`` (or
+``large``) requests; the server is stopped gracefully, so the worker exports what it still holds;
+and the worker's count at ``large`` minus its count at ``small``, divided by ``large - small``, is
+the figure. Every thread of the worker is counted, so building
 and sending spans and log records in the background is included.
 
 Under valgrind the worker serves tens of requests per second instead of thousands, which would
@@ -73,7 +73,7 @@ DASH = "\u2013"
 TIMES = "\u00d7"
 DIVIDE = "\u00f7"
 NOISE = "under 1% (valgrind)"
-"""Run-to-run variation of the counts (three full runs differed by 0.1 to 0.8 % per variant)."""
+"""Run-to-run variation of the counts (four full runs differed by 0.2 to 0.8 % per variant)."""
 
 
 def _count_from_file(path: Path) -> int:
