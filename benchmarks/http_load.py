@@ -61,9 +61,13 @@ __all__ = [
     "DESCRIPTIONS",
     "Run",
     "VariantResult",
+    "answers",
+    "get",
+    "log_tail",
     "main",
     "measure_variant",
     "render_section",
+    "stop_server",
     "variant_command",
     "variant_environment",
 ]
@@ -230,7 +234,8 @@ def variant_environment(name: str, workdir: Path, sink: str, metrics_port: int) 
     return environment
 
 
-def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """``GET path`` on 127.0.0.1:``port`` over a new connection: the status and the body."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request("GET", path)
@@ -240,9 +245,10 @@ def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         connection.close()
 
 
-def _answers(port: int, path: str) -> bool:
+def answers(port: int, path: str, timeout: float = 1.0) -> bool:
+    """Whether ``GET path`` answers 200 within ``timeout`` seconds."""
     try:
-        return _get(port, path, timeout=1.0)[0] == 200
+        return get(port, path, timeout=timeout)[0] == 200
     except OSError:
         return False
 
@@ -258,7 +264,7 @@ def sink_process() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        if not wait_until(lambda: _answers(port, "/counts"), 30, process=process):
+        if not wait_until(lambda: answers(port, "/counts"), 30, process=process):
             raise BenchmarkError("the OTLP sink did not start")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -268,7 +274,7 @@ def sink_process() -> Iterator[str]:
 
 def sink_spans(sink: str) -> int:
     """The spans the sink has received so far."""
-    status, body = _get(int(sink.rsplit(":", 1)[1]), "/counts")
+    status, body = get(int(sink.rsplit(":", 1)[1]), "/counts")
     if status != 200:
         raise BenchmarkError(f"the OTLP sink answered {status}")
     return int(json.loads(body)["spans"])
@@ -294,30 +300,31 @@ def gunicorn(name: str, sink: str) -> Iterator[Server]:
         server = Server(process, port, metrics_port if has_endpoint else None, workdir)
         try:
             try:
-                started = wait_until(lambda: _answers(port, PATH), 60, process=process)
+                started = wait_until(lambda: answers(port, PATH), 60, process=process)
             except BenchmarkError as exc:
-                raise BenchmarkError(f"{name}: {exc}\n{_log_tail(workdir)}") from exc
+                raise BenchmarkError(f"{name}: {exc}\n{log_tail(workdir)}") from exc
             if not started:
-                raise BenchmarkError(f"{name}: gunicorn did not answer within 60 s\n{_log_tail(workdir)}")
+                raise BenchmarkError(f"{name}: gunicorn did not answer within 60 s\n{log_tail(workdir)}")
             yield server
         finally:
-            _stop(process)
+            stop_server(process)
             output.close()
 
 
-def _log_tail(workdir: Path, lines: int = 20) -> str:
+def log_tail(workdir: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the server's log in ``workdir`` (empty if it cannot be read)."""
     try:
         return "\n".join((workdir / "server.log").read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Graceful stop (SIGTERM: workers finish and flush), then SIGKILL whatever is left of the group."""
+def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Graceful stop (SIGTERM: workers finish and flush, for ``timeout_s``), then SIGKILL what is left of the group."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
+            process.wait(timeout=timeout_s)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     if process.poll() is None:
@@ -368,7 +375,7 @@ def _scrape_count(server: Server, name: str) -> float | None:
     """Requests the variant's own metrics endpoint counts for the route, or ``None`` without an endpoint."""
     if server.metrics_port is None:
         return None
-    status, body = _get(server.metrics_port, "/metrics")
+    status, body = get(server.metrics_port, "/metrics")
     if status != 200:
         raise BenchmarkError(f"{name}: the metrics endpoint answered {status}")
     wanted = (

@@ -9,8 +9,8 @@ there (same command, same environment, same OTLP sink) but with one worker, unde
 ``valgrind --tool=callgrind``. A sequential client sends a warm-up and then ``small`` (or
 ``large``) requests; the server is stopped gracefully, so the worker exports what it still holds;
 and the worker's count at ``large`` minus its count at ``small``, divided by ``large - small``, is
-the figure. Every thread of the worker is counted, so building
-and sending spans and log records in the background is included.
+the figure. Every thread of the worker is counted, so building and sending spans and log records
+in the background is included.
 
 Under valgrind the worker serves tens of requests per second instead of thousands, which would
 make time-driven batching send small batches. The runs therefore set the batch delays
@@ -25,12 +25,9 @@ Writes the section ``http-instructions`` of docs/performance.md (see :mod:`bench
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import http.client
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -84,35 +81,9 @@ def _count_from_file(path: Path) -> int:
 
 
 def _request(port: int) -> None:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        connection.request("GET", http_load.PATH, headers={"User-Agent": "spyglass-bench"})
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise BenchmarkError(f"GET {http_load.PATH} answered {response.status}")
-    finally:
-        connection.close()
-
-
-def _answers(port: int) -> bool:
-    try:
-        _request(port)
-    except (OSError, BenchmarkError):
-        return False
-    return True
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (the worker exports what it holds and exits), then SIGKILL whatever is left of the group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=_STOP_TIMEOUT_S)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    if process.poll() is None:
-        process.wait(timeout=10)
+    status, _body = http_load.get(port, http_load.PATH, timeout=60)
+    if status != 200:
+        raise BenchmarkError(f"GET {http_load.PATH} answered {status}")
 
 
 def worker_instructions(name: str, sink: str, requests: int, warmup: int) -> int:
@@ -145,17 +116,20 @@ def worker_instructions(name: str, sink: str, requests: int, warmup: int) -> int
             )
             failure: Exception | None = None
             try:
-                if not wait_until(lambda: _answers(port), _READY_TIMEOUT_S, interval=1.0, process=process):
+                # A long timeout: a request given up on while the worker still serves it would count unseen.
+                ready = wait_until(
+                    lambda: http_load.answers(port, http_load.PATH, timeout=60), _READY_TIMEOUT_S, process=process
+                )
+                if not ready:
                     raise BenchmarkError(f"gunicorn under valgrind did not answer in {_READY_TIMEOUT_S:.0f} s")
                 for _ in range(warmup + requests - 1):  # the request that found the server ready is the first
                     _request(port)
             except (BenchmarkError, OSError) as exc:  # a refused or reset connection too: reported with the log
                 failure = exc
             finally:
-                _stop(process)  # never leaves a server behind, whatever interrupted the requests
+                http_load.stop_server(process, _STOP_TIMEOUT_S)  # never left behind, whatever interrupted the requests
         if failure is not None:
-            tail = (workdir / "server.log").read_text(errors="replace").splitlines()[-20:]
-            raise BenchmarkError(f"{name}: {failure}\n" + "\n".join(tail)) from failure
+            raise BenchmarkError(f"{name}: {failure}\n{http_load.log_tail(workdir)}") from failure
         workers = [path for path in workdir.glob("callgrind.*") if path.name != f"callgrind.{process.pid}"]
         if len(workers) != 1:
             raise BenchmarkError(f"{name}: expected the counts of one worker, found {sorted(p.name for p in workers)}")
