@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,10 +20,11 @@ class _Server(ThreadingHTTPServer):
 class OtlpReceiver:
     """Keeps every export request it is sent; listens on ``port`` (any free port by default).
 
-    ``keep=False`` counts spans without keeping the requests, for long runs.
+    ``keep=False`` counts spans without keeping the requests, for long runs. With ``tls`` (an
+    ``ssl.SSLContext`` holding the server's certificate) it speaks HTTPS.
     """
 
-    def __init__(self, port: int = 0, keep: bool = True) -> None:
+    def __init__(self, port: int = 0, keep: bool = True, tls: ssl.SSLContext | None = None) -> None:
         self.logs: list[ExportLogsServiceRequest] = []
         self.traces: list[ExportTraceServiceRequest] = []
         self.span_count = 0
@@ -54,6 +56,8 @@ class OtlpReceiver:
                 pass
 
         self.server = _Server(("127.0.0.1", port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

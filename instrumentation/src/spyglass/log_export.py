@@ -180,8 +180,10 @@ class AccessFields(NamedTuple):
     status: int
     duration: str
     """``http.server.request.duration`` as written in the line (``0.000412``)."""
-    timestamp: str
+    timestamp_ns: int
+    """The line's ``timestamp`` in nanoseconds since the epoch (the microseconds it writes)."""
     trace_id: str
+    """32 hexadecimal digits, or empty when the request was not traced."""
     span_id: str
 
 

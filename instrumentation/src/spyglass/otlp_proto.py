@@ -324,6 +324,31 @@ def _light_span(span: LightSpan) -> bytes:
     parent = span._parent
     trace_state = span._context.trace_state
     name = span._name
+    attributes = span._attributes
+    status = span._status
+    start, end = span._start_time, span._end_time
+    if (
+        parent is None
+        and not trace_state
+        and name
+        and start
+        and end
+        and type(attributes) is dict  # no longer changed once the span has ended: no copy needed
+        and type(span._events) is tuple  # a span without events keeps the shared empty tuple
+        and type(span._links) is tuple
+        and status is _UNSET
+    ):  # a root span with nothing but attributes, as most server spans are: one formatting call
+        return b"\x0a\x10%s\x12\x08%s%s%s\x39%s\x41%s%s%s%s" % (
+            span._trace_id.to_bytes(16, "big"),
+            span._span_id.to_bytes(8, "big"),
+            _field(5, _text(name)),
+            _KIND_FIELDS[span._kind],
+            _FIXED64(start),
+            _FIXED64(end),
+            _encode_items(9, attributes),
+            _UNSET_STATUS,
+            _LOCAL_PARENT_FLAGS,
+        )
     parts = [
         b"\x0a\x10" + span._trace_id.to_bytes(16, "big") + b"\x12\x08" + span._span_id.to_bytes(8, "big"),
     ]
@@ -334,24 +359,21 @@ def _light_span(span: LightSpan) -> bytes:
     if name:
         parts.append(_field(5, _text(name)))
     parts.append(_KIND_FIELDS[span._kind])
-    start, end = span._start_time, span._end_time
     if start:
         parts.append(b"\x39" + _FIXED64(start))
     if end:
         parts.append(b"\x41" + _FIXED64(end))
-    attributes = span._attributes
-    if type(attributes) is dict:  # no longer changed once the span has ended: no copy needed
+    if type(attributes) is dict:
         parts.append(_encode_items(9, attributes))
     else:
         parts.append(encode_attributes(9, attributes))
         parts.append(_uint(10, span.dropped_attributes))
-    if type(span._events) is not tuple:  # a span without events keeps the shared empty tuple
+    if type(span._events) is not tuple:
         parts += [_field(11, _event(event)) for event in span._events]
         parts.append(_uint(12, span.dropped_events))
     if type(span._links) is not tuple:
         parts += [_field(13, _link(link)) for link in span._links]
         parts.append(_uint(14, span.dropped_links))
-    status = span._status
     unset = status.status_code is StatusCode.UNSET and not status.description
     parts.append(_UNSET_STATUS if unset else _status(status))
     parts.append(_LOCAL_PARENT_FLAGS if parent is None or not parent.is_remote else _REMOTE_PARENT_FLAGS)
@@ -360,6 +382,8 @@ def _light_span(span: LightSpan) -> bytes:
 
 _KIND_FIELDS = {kind: _uint(6, number) for kind, number in _KINDS.items()}
 _UNSET_STATUS = _field(15, b"")
+_UNSET = LightSpan._status
+"""The status every light span starts with (unset) and keeps unless one is set."""
 _LOCAL_PARENT_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
 _REMOTE_PARENT_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 
@@ -377,10 +401,18 @@ def _scope(scope: Any) -> bytes:
 def encode_spans_request(spans: Sequence[ReadableSpan]) -> bytes:
     """Spans as one serialised OTLP ``ExportTraceServiceRequest``, grouped by resource and scope."""
     grouped: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    last_resource = last_scope = encoded = None
     for span in spans:
-        resource, scope = span.resource, span.instrumentation_scope
-        scopes = grouped.setdefault(id(resource), (resource, {}))[1]
-        scopes.setdefault(id(scope), (scope, []))[1].append(_field(2, _span(span)))
+        if type(span) is LightSpan:
+            resource, scope, body = span._resource, span._instrumentation_scope, _light_span(span)
+        else:
+            resource, scope, body = span.resource, span.instrumentation_scope, _span(span)
+        if resource is not last_resource or scope is not last_scope or encoded is None:
+            # Spans of a batch mostly share both: the groups are looked up when they change.
+            scopes = grouped.setdefault(id(resource), (resource, {}))[1]
+            encoded = scopes.setdefault(id(scope), (scope, []))[1]
+            last_resource, last_scope = resource, scope
+        encoded.append(_LENGTH_TAGS[2] + _varint(len(body)) + body)
     out = []
     for resource, scopes in grouped.values():
         body = [_field(1, encode_attributes(1, resource.attributes))]
@@ -415,8 +447,7 @@ def _severity(number: Any, text: str | None) -> bytes:
 
 
 def _trace_fields(trace_id: int, span_id: int) -> bytes:
-    # flags: sampled (the line was written inside a recorded span)
-    return b"\x45\x01\x00\x00\x00\x4a\x10" + trace_id.to_bytes(16, "big") + b"\x52\x08" + span_id.to_bytes(8, "big")
+    return _TRACE_ID_TAG + trace_id.to_bytes(16, "big") + b"\x52\x08" + span_id.to_bytes(8, "big")
 
 
 _LEVEL_FIELDS: dict[str, bytes] = {}
@@ -490,35 +521,48 @@ _DURATION_KEY = "http.server.request.duration"
 def _access_record(fields: AccessFields) -> bytes:
     """The ``LogRecord`` body of an access line, from the fields it was rendered from.
 
-    Severity, body, method and route repeat from request to request: their encoding is kept.
+    Severity, body, method and route repeat from request to request, and so does the status:
+    their encoding is kept. The ids are the line's own hexadecimal text, written by spyglass.
     """
-    head_key = (fields.level, fields.method, fields.route)
+    level, method, route, path, status, duration, timestamp_ns, trace_hex, span_hex = fields
+    head_key = (level, method, route)
     head = _ACCESS_HEADS.get(head_key)
     if head is None:
         head = (
-            _level_fields(fields.level)
+            _level_fields(level)
             + _field(5, _field(1, b"request"))
-            + _cached_pair(6, "http.request.method", fields.method)
-            + _cached_pair(6, "http.route", fields.route)
+            + _cached_pair(6, "http.request.method", method)
+            + _cached_pair(6, "http.route", route)
         )
         if len(_ACCESS_HEADS) < 1024:
             _ACCESS_HEADS[head_key] = head
-    trace_id = _hex_id(fields.trace_id, 32)
-    span_id = _hex_id(fields.span_id, 16) if trace_id else 0
-    return (
-        b"\x09"
-        + _FIXED64(_time_ns(fields.timestamp))
-        + head
-        + _string_pair(6, "url.path", fields.path)
-        + _cached_pair(6, _STATUS_KEY, fields.status)
-        + _field(6, _DURATION_KEY_FIELD + b"\x12\x09\x21" + _DOUBLE(float(fields.duration)))
-        + (_trace_fields(trace_id, span_id) if trace_id and span_id else b"")
-        + b"\x59"
-        + _FIXED64(time.time_ns())
+    status_pair = _STATUS_PAIRS.get(status)
+    if status_pair is None:
+        status_pair = _field(6, _key_value(_STATUS_KEY, status))
+        if len(_STATUS_PAIRS) < 1024:
+            _STATUS_PAIRS[status] = status_pair
+    if len(trace_hex) == 32 and len(span_hex) == 16:
+        ids = _TRACE_ID_TAG + bytes.fromhex(trace_hex) + b"\x52\x08" + bytes.fromhex(span_hex)
+    else:
+        ids = b""
+    return b"\x09%s%s%s%s%s%s%s\x59%s" % (
+        _FIXED64(timestamp_ns),
+        head,
+        _string_pair(6, "url.path", path),
+        status_pair,
+        _DURATION_PAIR_HEAD,
+        _DOUBLE(float(duration)),
+        ids,
+        _FIXED64(time.time_ns()),
     )
 
 
+_STATUS_PAIRS: dict[int, bytes] = {}
+_TRACE_ID_TAG = b"\x45\x01\x00\x00\x00\x4a\x10"
+"""Flags (sampled: the line was written inside a recorded span), then the tag of the 16-byte trace id."""
 _DURATION_KEY_FIELD = _field(1, _DURATION_KEY.encode())
+_DURATION_PAIR_HEAD = _field(6, _DURATION_KEY_FIELD + b"\x12\x09\x21" + bytes(8))[:-8]
+"""The ``KeyValue`` of the duration up to its 8-byte double (its length never changes)."""
 
 
 def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> bytes:
@@ -528,12 +572,19 @@ def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> byte
     grouped by scope (the line's ``logger``), without building the record objects.
     """
     scopes: dict[str | None, list[bytes]] = {}
+    last_name: str | None = None
+    records: list[bytes] | None = None
     for line in lines:
-        name, record = _line_record(line)
-        records = scopes.get(name)
-        if records is None:
-            records = scopes[name] = []
-        records.append(_field(2, record))
+        if type(line) is AccessLine:
+            name, record = _ACCESS_SCOPE, _access_record(line.fields)
+        else:
+            name, record = _line_record(line)
+        if records is None or name != last_name:  # consecutive lines mostly share their scope
+            records = scopes.get(name)
+            if records is None:
+                records = scopes[name] = []
+            last_name = name
+        records.append(_LENGTH_TAGS[2] + _varint(len(record)) + record)
     body = [_field(1, encode_attributes(1, resource.attributes))]
     for name, records in scopes.items():
         body.append(_field(2, _field(1, _field(1, _text(name)) if name else b"") + b"".join(records)))
