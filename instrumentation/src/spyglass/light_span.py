@@ -36,6 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.attributes.exception_attributes import (
@@ -44,6 +45,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_TYPE,
 )
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from opentelemetry.util import types
 
 from spyglass.config import DEFAULT_REDACT_KEYS
@@ -358,6 +360,30 @@ def _plain_sequence(items: list | tuple, limit: int | None) -> tuple | None:
     return tuple(items)
 
 
+def _starting_processors(processors: tuple[SpanProcessor, ...]) -> tuple[SpanProcessor, ...]:
+    """The processors whose ``on_start`` does something (the batch and simple processors' do nothing)."""
+    return tuple(processor for processor in processors if type(processor).on_start not in _NO_OP_ON_START)
+
+
+_NO_OP_ON_START = frozenset((SpanProcessor.on_start, BatchSpanProcessor.on_start, SimpleSpanProcessor.on_start))
+
+
+def _span_context(trace_id: int, span_id: int, flags: TraceFlags, trace_state: TraceState | None) -> SpanContext:
+    """``SpanContext(trace_id, span_id, is_remote=False, ...)`` without its keyword handling.
+
+    The tuple is the one ``SpanContext.__new__`` builds (ids, remote flag, flags, trace state,
+    validity), at a third of its cost on the hot path.
+    """
+    valid = 0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX
+    state = trace_state if trace_state is not None else DEFAULT_TRACE_STATE
+    return _new_tuple(SpanContext, (trace_id, span_id, False, flags, state, valid))
+
+
+_new_tuple = tuple.__new__
+_TRACE_ID_MAX = (1 << 128) - 1
+_SPAN_ID_MAX = (1 << 64) - 1
+
+
 class LightSpanStarter:
     """Starts :class:`LightSpan` objects on a tracer provider's sampler, ids, resource and processors."""
 
@@ -377,6 +403,10 @@ class LightSpanStarter:
         if not isinstance(processor, SpanProcessor):  # pragma: no cover - guards an SDK upgrade
             raise TypeError("this OpenTelemetry SDK version hides its span processors from spyglass")
         self.processor: SpanProcessor = processor
+        # on_start is called on the provider's processors that do something at start (see start).
+        self._whole: tuple[SpanProcessor, ...] = (processor,)  # a later SDK without that list: call it whole
+        self._processors_seen: tuple[SpanProcessor, ...] | None = None
+        self._starting: tuple[SpanProcessor, ...] = ()
         self.resource = provider.resource
         self.scope = InstrumentationScope(scope_name, scope_version, schema_url)
         self.limits = SpanLimits()
@@ -417,25 +447,15 @@ class LightSpanStarter:
                 sampled = parent.trace_flags.sampled
             else:
                 sampled = trace_id & TRACE_ID_LIMIT < rule.bound
-            context = SpanContext(
-                trace_id,
-                span_id,
-                is_remote=False,
-                trace_flags=_FLAGS[sampled, random],
-                trace_state=parent.trace_state if parent is not None else None,
+            context = _span_context(
+                trace_id, span_id, _FLAGS[sampled, random], parent.trace_state if parent is not None else None
             )
             if not sampled:
                 return NonRecordingSpan(context), trace_id, span_id, False
             span_attributes: MutableMapping[str, Any] = attributes
         else:
             result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes)
-            context = SpanContext(
-                trace_id,
-                span_id,
-                is_remote=False,
-                trace_flags=_FLAGS[result.decision.is_sampled(), random],
-                trace_state=result.trace_state,
-            )
+            context = _span_context(trace_id, span_id, _FLAGS[result.decision.is_sampled(), random], result.trace_state)
             sampled = result.decision.is_sampled()
             if not result.decision.is_recording():
                 return NonRecordingSpan(context), trace_id, span_id, sampled
@@ -449,5 +469,10 @@ class LightSpanStarter:
             else:
                 span_attributes = attributes
         span = LightSpan(self, name, context, trace_id, span_id, parent, span_attributes, start_time, kind)
-        self.processor.on_start(span, parent_context=parent_context)
+        processors = getattr(self.processor, "_span_processors", self._whole)
+        if processors is not self._processors_seen:  # the provider's list changed (or first span)
+            self._starting = _starting_processors(processors)
+            self._processors_seen = processors
+        for processor in self._starting:
+            processor.on_start(span, parent_context=parent_context)
         return span, trace_id, span_id, sampled

@@ -483,8 +483,9 @@ def reset_logging() -> None:
     structlog.reset_defaults()
 
 
-_second_prefix: tuple[int, str] = (-1, "")
 _new_tuple = tuple.__new__
+_SECOND_PREFIXES: dict[int, str] = {}
+"""The text of the current second (``2026-11-24T10:00:00.``): one entry, replaced when the second changes."""
 
 
 def _utc_timestamp() -> str:
@@ -494,15 +495,14 @@ def _utc_timestamp() -> str:
 
 def _utc_now() -> tuple[str, int]:
     """Now as :func:`_utc_timestamp` writes it, and as the nanoseconds since the epoch that text says."""
-    global _second_prefix
-    now = time.time()
-    second = int(now)
-    cached_second, prefix = _second_prefix
-    if second != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second_prefix = (second, prefix)
-    micros = int((now - second) * 1_000_000)
-    return f"{prefix}.{micros:06d}Z", second * 1_000_000_000 + micros * 1000
+    micros = time.time_ns() // 1000
+    second, fraction = divmod(micros, 1_000_000)
+    prefix = _SECOND_PREFIXES.get(second)
+    if prefix is None:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _SECOND_PREFIXES.clear()
+        _SECOND_PREFIXES[second] = prefix
+    return f"{prefix}{fraction:06d}Z", micros * 1000
 
 
 class AccessLog:
