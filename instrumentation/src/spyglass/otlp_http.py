@@ -9,7 +9,7 @@ that step sits between, the exporters fall back to the SDK's own ``export`` unch
 
 Batches are POSTed through the SDK's urllib3 transport rather than its default, a
 ``requests.Session``, which reads the proxy variables and ``~/.netrc`` again on every request
-(about 0.4 ms of CPU per batch of 512, a third of what encoding them costs). What the session
+(about 0.4 ms of CPU per batch of 512, a fifth to a third of what encoding them costs). What the session
 would have read from the environment is read once, when the exporter is built: the transport is
 kept as the SDK built it when a proxy applies to the endpoint, when ``.netrc`` holds credentials
 for its host, when the CA bundle is a directory, or when a credential provider
