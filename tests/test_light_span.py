@@ -200,6 +200,38 @@ def test_user_span_processors_see_the_request_span_start_and_end(serve) -> None:
     assert [ended.name for ended in processor.ended] == ["GET /"]
 
 
+def test_a_processor_added_after_requests_were_served_sees_the_next_request_start(tmp_path: Path) -> None:
+    """Processors added to the tracer provider while the service runs get on_start from the next
+    request on (spyglass skips only the processors whose on_start does nothing).
+    """
+    settings = load_settings(
+        {
+            "OTEL_SERVICE_NAME": "span-test",
+            "SPYGLASS_METRICS_PORT": "0",
+            "SPYGLASS_TRACES_FILE": str(tmp_path / "traces.jsonl"),
+        }
+    )
+    telemetry = runtime.init(settings)
+    try:
+        assert telemetry.tracer_provider is not None
+        exporter = InMemorySpanExporter()
+        telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        app = flask.Flask("span-test")
+        app.add_url_rule("/", view_func=lambda: "ok")
+        spyglass.instrument_flask(app)
+        client = app.test_client()
+        assert client.get("/").status_code == 200
+        late = StampingProcessor()
+        telemetry.tracer_provider.add_span_processor(late)
+        assert client.get("/").status_code == 200
+        first, second = exporter.get_finished_spans()
+        assert "tenant" not in first.attributes
+        assert second.attributes["tenant"] == "acme"
+        assert [ended.name for ended in late.ended] == ["GET /"]
+    finally:
+        runtime.shutdown()
+
+
 def test_a_trace_the_sampler_drops_is_not_recorded_but_keeps_its_context(serve) -> None:
     """With always_off the view sees a valid, non-recording span and nothing is exported."""
     seen: list[trace.SpanContext] = []
