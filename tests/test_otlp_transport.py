@@ -21,7 +21,7 @@ from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 from opentelemetry.sdk._logs.export import LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from spyglass.otlp_http import OtlpProtoLogExporter, OtlpProtoSpanExporter
 from tests.otlp_receiver import OtlpReceiver
@@ -58,8 +58,6 @@ def _spans(count: int) -> list[ReadableSpan]:
         def export(self, spans: object) -> SpanExportResult:
             kept.extend(spans)  # type: ignore[arg-type]
             return SpanExportResult.SUCCESS
-
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": "shop"}))
     provider.add_span_processor(SimpleSpanProcessor(_Keep()))
@@ -177,7 +175,7 @@ def authority() -> trustme.CA:
     return trustme.CA()
 
 
-def _tls_receiver(authority: trustme.CA, tmp_path: Path, client_certificates: bool = False) -> OtlpReceiver:
+def _tls_receiver(authority: trustme.CA, client_certificates: bool = False) -> OtlpReceiver:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(context)
     if client_certificates:
@@ -193,7 +191,7 @@ def test_an_https_collector_is_trusted_through_the_certificate_variable(
     ``OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`` names that CA, and is refused (a failed export,
     nothing delivered) when it does not: certificates are verified.
     """
-    receiver = _tls_receiver(authority, tmp_path)
+    receiver = _tls_receiver(authority)
     endpoint = f"https://127.0.0.1:{receiver.port}/v1/traces"
     spans = _spans(2)
     try:
@@ -224,7 +222,7 @@ def test_a_client_certificate_from_the_environment_is_presented_to_the_collector
     """With ``OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`` and ``OTEL_EXPORTER_OTLP_CLIENT_KEY`` (mutual
     TLS), a collector that requires a client certificate accepts the batch.
     """
-    receiver = _tls_receiver(authority, tmp_path, client_certificates=True)
+    receiver = _tls_receiver(authority, client_certificates=True)
     ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key"
     authority.cert_pem.write_to_path(str(ca_file))
     client = authority.issue_cert("exporter@shop.example")

@@ -521,8 +521,8 @@ _DURATION_KEY = "http.server.request.duration"
 def _access_record(fields: AccessFields) -> bytes:
     """The ``LogRecord`` body of an access line, from the fields it was rendered from.
 
-    Severity, body, method and route repeat from request to request, and so does the status:
-    their encoding is kept. The ids are the line's own hexadecimal text, written by spyglass.
+    Severity, body, method, route and status repeat from request to request: their encoding is
+    kept. The ids are the line's own hexadecimal text, written by spyglass.
     """
     level, method, route, path, status, duration, timestamp_ns, trace_hex, span_hex = fields
     head_key = (level, method, route)
@@ -536,11 +536,6 @@ def _access_record(fields: AccessFields) -> bytes:
         )
         if len(_ACCESS_HEADS) < 1024:
             _ACCESS_HEADS[head_key] = head
-    status_pair = _STATUS_PAIRS.get(status)
-    if status_pair is None:
-        status_pair = _field(6, _key_value(_STATUS_KEY, status))
-        if len(_STATUS_PAIRS) < 1024:
-            _STATUS_PAIRS[status] = status_pair
     if len(trace_hex) == 32 and len(span_hex) == 16:
         ids = _TRACE_ID_TAG + bytes.fromhex(trace_hex) + b"\x52\x08" + bytes.fromhex(span_hex)
     else:
@@ -549,7 +544,7 @@ def _access_record(fields: AccessFields) -> bytes:
         _FIXED64(timestamp_ns),
         head,
         _string_pair(6, "url.path", path),
-        status_pair,
+        _cached_pair(6, _STATUS_KEY, status),
         _DURATION_PAIR_HEAD,
         _DOUBLE(float(duration)),
         ids,
@@ -557,7 +552,6 @@ def _access_record(fields: AccessFields) -> bytes:
     )
 
 
-_STATUS_PAIRS: dict[int, bytes] = {}
 _TRACE_ID_TAG = b"\x45\x01\x00\x00\x00\x4a\x10"
 """Flags (sampled: the line was written inside a recorded span), then the tag of the 16-byte trace id."""
 _DURATION_KEY_FIELD = _field(1, _DURATION_KEY.encode())
@@ -575,10 +569,7 @@ def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> byte
     last_name: str | None = None
     records: list[bytes] | None = None
     for line in lines:
-        if type(line) is AccessLine:
-            name, record = _ACCESS_SCOPE, _access_record(line.fields)
-        else:
-            name, record = _line_record(line)
+        name, record = _line_record(line)
         if records is None or name != last_name:  # consecutive lines mostly share their scope
             records = scopes.get(name)
             if records is None:
