@@ -1,10 +1,11 @@
-"""Instructions executed per request, counted by valgrind: a noise-free companion to CPU time.
+"""Instructions executed per request (or per task), counted by valgrind: a noise-free companion to CPU time.
 
 CPU time on a shared virtual machine varies by tens of percent between runs; the number of
 instructions a process executes does not. Each variant runs twice under
 ``valgrind --tool=callgrind`` (every thread counted, so background export is included), serving
-``small`` and then ``large`` timed requests; the difference divided by ``large - small`` is the
-per-request count, free of start-up, warm-up and shutdown costs that both runs share.
+``small`` and then ``large`` timed requests (or running that many tasks, with
+:mod:`benchmarks.task_overhead`); the difference divided by ``large - small`` is the per-request
+count, free of start-up, warm-up and shutdown costs that both runs share.
 
 Instructions are not time (a cache miss costs more than an add), so this does not replace the CPU
 measurement; it shows whether a difference in CPU time is real.
@@ -22,11 +23,23 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks import task_overhead
 from benchmarks.http_overhead import variant_environment
 
-__all__ = ["InstructionCountError", "measure_variants", "per_extra_unit", "valgrind_available"]
+__all__ = [
+    "HTTP_MODULE",
+    "TASK_MODULE",
+    "InstructionCountError",
+    "measure_variants",
+    "per_extra_unit",
+    "valgrind_available",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
+HTTP_MODULE = "benchmarks.http_overhead"
+"""Measures requests through the Flask app (its variants: :data:`benchmarks.http_overhead.VARIANTS`)."""
+TASK_MODULE = "benchmarks.task_overhead"
+"""Measures no-op tasks through Celery's task tracer (its variants: :data:`benchmarks.task_overhead.VARIANTS`)."""
 _COLLECTED = re.compile(rb"Collected\s*:\s*(\d+)")
 _TIMEOUT_S = 1800
 
@@ -40,8 +53,10 @@ def valgrind_available() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def _count_total(variant: str, requests: int, warmup: int, environment: dict[str, str]) -> int:
-    """Instructions executed by one whole measurement process serving ``requests`` timed requests."""
+def _count_total(
+    variant: str, requests: int, warmup: int, environment: dict[str, str], module: str = HTTP_MODULE
+) -> int:
+    """Instructions executed by one whole measurement process of ``module`` serving ``requests`` timed units."""
     with tempfile.TemporaryDirectory(prefix=f"instr-{variant}-") as workdir:
         traces_file = os.path.join(workdir, "traces.jsonl")
         command = [
@@ -50,7 +65,7 @@ def _count_total(variant: str, requests: int, warmup: int, environment: dict[str
             "--callgrind-out-file=/dev/null",
             sys.executable,
             "-m",
-            "benchmarks.http_overhead",
+            module,
             variant,
             "--traces-file",
             traces_file,
@@ -62,7 +77,12 @@ def _count_total(variant: str, requests: int, warmup: int, environment: dict[str
             str(requests),
         ]
         env = dict(environment)
-        env.update(variant_environment(variant, traces_file))
+        if module == TASK_MODULE:
+            metrics_dir = os.path.join(workdir, "metrics")
+            os.mkdir(metrics_dir)
+            env.update(task_overhead.variant_environment(variant, traces_file, metrics_dir))
+        else:
+            env.update(variant_environment(variant, traces_file))
         completed = subprocess.run(
             command,
             cwd=ROOT,
@@ -113,8 +133,17 @@ def measure_variants(
     warmup: int = 200,
     parallel: int = os.cpu_count() or 1,
     progress: Callable[[str, float], None] | None = None,
+    module: str = HTTP_MODULE,
 ) -> dict[str, float]:
-    """Instructions per request of every variant: (count at ``large`` - count at ``small``) / (large - small)."""
+    """Instructions per request (per task for :data:`TASK_MODULE`) of every variant of ``module``.
+
+    (count at ``large`` - count at ``small``) / (large - small).
+    """
     return per_extra_unit(
-        lambda name, size: _count_total(name, size, warmup, environment), variants, small, large, parallel, progress
+        lambda name, size: _count_total(name, size, warmup, environment, module),
+        variants,
+        small,
+        large,
+        parallel,
+        progress,
     )

@@ -38,8 +38,8 @@ TARGET_RATIO = 0.25
 FLOOR = "floor"
 FLOOR_TARGET = 1.5
 """spyglass's added CPU (per request, per task) may be at most this multiple of the floor's."""
-TASK_MODULE = "benchmarks.task_overhead"
-HTTP_MODULE = "benchmarks.http_overhead"
+TASK_MODULE = instructions.TASK_MODULE
+HTTP_MODULE = instructions.HTTP_MODULE
 PACKAGES = (
     "flask",
     "opentelemetry-sdk",
@@ -305,39 +305,45 @@ def render_table(summaries: Sequence[Summary], unit: str = "req") -> str:
     return "\n".join(lines)
 
 
-def _instruction_ratio(counts: dict[str, float]) -> float | None:
-    if not {BASELINE, TARGET_NUMERATOR, TARGET_DENOMINATOR} <= counts.keys():
+def _instruction_ratio(counts: dict[str, float], denominator_name: str = TARGET_DENOMINATOR) -> float | None:
+    if not {BASELINE, TARGET_NUMERATOR, denominator_name} <= counts.keys():
         return None
-    denominator = counts[TARGET_DENOMINATOR] - counts[BASELINE]
+    denominator = counts[denominator_name] - counts[BASELINE]
     return (counts[TARGET_NUMERATOR] - counts[BASELINE]) / denominator if denominator > 0 else None
 
 
-def render_instruction_table(counts: dict[str, float]) -> list[str]:
-    """The instructions-per-request section (empty when they were not counted)."""
+def render_instruction_table(counts: dict[str, float], unit: str = "request") -> list[str]:
+    """The instructions-per-request (or per-task) part of the section (empty when they were not counted).
+
+    Per request, spyglass's added count is set against otel-flask's; per task, against the floor's.
+    """
     if not counts or BASELINE not in counts:
         return []
     base = counts[BASELINE]
+    short = "req" if unit == "request" else unit
+    against = TARGET_DENOMINATOR if unit == "request" else FLOOR
+    served = "serving 500 and 2,500 timed requests" if unit == "request" else "running 500 and 2,500 timed tasks"
     lines = [
         "",
-        "## Instructions per request (valgrind: deterministic)",
+        f"## Instructions per {unit} (valgrind: deterministic)",
         "",
         "CPU time on this shared virtual machine varies by tens of percent from run to run; the number of "
         "instructions executed does not. Each variant ran twice under `valgrind --tool=callgrind` (all "
-        "threads, so span export is included), serving 500 and 2,500 timed requests; the difference per "
-        "extra request is shown. Instructions are not time (memory stalls and system calls are not "
+        f"threads, so span export is included), {served}; the difference per "
+        f"extra {unit} is shown. Instructions are not time (memory stalls and system calls are not "
         "counted), so this confirms the direction of the CPU figures rather than replacing them.",
         "",
-        f"| Variant | Instructions/req | Added | {TIMES} baseline |",
+        f"| Variant | Instructions/{short} | Added | {TIMES} baseline |",
         "|---|---:|---:|---:|",
     ]
     for name, count in counts.items():
         added = DASH if name == BASELINE else f"{count - base:+,.0f}"
         lines.append(f"| {name} | {count:,.0f} | {added} | {count / base:.2f} |")
-    ratio = _instruction_ratio(counts)
+    ratio = _instruction_ratio(counts, against)
     if ratio is not None:
         lines += [
             "",
-            f"{TARGET_NUMERATOR} added ÷ {TARGET_DENOMINATOR} added, in instructions: {ratio:.2f}.",
+            f"{TARGET_NUMERATOR} added ÷ {against} added, in instructions: {ratio:.2f}.",
         ]
     return lines
 
@@ -394,7 +400,13 @@ def _breakdown_lines(summaries: Sequence[Summary]) -> list[str]:
     return lines
 
 
-def _task_lines(summaries: Sequence[Summary], repetitions: int, warmup: int, tasks: int) -> list[str]:
+def _task_lines(
+    summaries: Sequence[Summary],
+    repetitions: int,
+    warmup: int,
+    tasks: int,
+    instruction_counts: dict[str, float] | None = None,
+) -> list[str]:
     """The per-task part of the section (empty when tasks were not measured)."""
     if not summaries:
         return []
@@ -410,6 +422,7 @@ def _task_lines(summaries: Sequence[Summary], repetitions: int, warmup: int, tas
         render_table(summaries, unit="task"),
         "",
         *_floor_lines(summaries, "task"),
+        *render_instruction_table(instruction_counts or {}, unit="task"),
         "",
         *variants,
     ]
@@ -466,6 +479,7 @@ def render_report(
     instruction_counts: dict[str, float] | None = None,
     task_summaries: Sequence[Summary] = (),
     tasks: int = 0,
+    task_instruction_counts: dict[str, float] | None = None,
 ) -> str:
     """Render this benchmark's section of docs/performance.md (the other sections are not its own)."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -489,7 +503,7 @@ def render_report(
             *_dropped_spans_note(summaries),
             *_breakdown_lines(summaries),
             *render_instruction_table(instruction_counts or {}),
-            *_task_lines(task_summaries, repetitions, warmup, tasks),
+            *_task_lines(task_summaries, repetitions, warmup, tasks, task_instruction_counts),
             "",
             "## Machine",
             "",
@@ -537,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--instructions",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="also count instructions per request with valgrind (auto: when valgrind is installed)",
+        help="also count instructions per request (and per task) with valgrind (auto: when valgrind is installed)",
     )
     report.add_section_options(parser)
     args = parser.parse_args(argv)
@@ -555,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     counts: dict[str, float] = {}
+    task_counts: dict[str, float] = {}
     if args.instructions == "yes" or (args.instructions == "auto" and instructions.valgrind_available()):
         print("counting instructions per request under valgrind (a few minutes)", file=sys.stderr, flush=True)
         try:
@@ -563,10 +578,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _clean_environment(),
                 progress=lambda name, count: print(f"  {name:<26} {count:12,.0f} instructions/req", file=sys.stderr),
             )
+            if args.tasks:
+                task_counts = instructions.measure_variants(
+                    list(task_overhead.VARIANTS),
+                    _clean_environment(),
+                    progress=lambda name, count: print(f"  {name:<26} {count:12,.0f} instr./task", file=sys.stderr),
+                    module=TASK_MODULE,
+                )
         except (instructions.InstructionCountError, subprocess.TimeoutExpired) as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    section = render_report(summaries, args.repetitions, args.warmup, args.requests, counts, task_summaries, args.tasks)
+    section = render_report(
+        summaries, args.repetitions, args.warmup, args.requests, counts, task_summaries, args.tasks, task_counts
+    )
     status = report.publish_section(
         SECTION, section, args.output, not args.no_write, figures(summaries, task_summaries), args.figures
     )

@@ -187,3 +187,29 @@ def test_in_process_benchmark_measures_spyglass_against_the_floor_per_request_an
         figure = figures[f"per {what}, spyglass added vs the floor"]
         assert figure.against == "the floor" and figure.ratio is not None and figure.ratio > 0
         assert figure.target == "at most 1.5 \u00d7 the floor" and figure.met == (figure.ratio <= 1.5)
+
+
+def test_instruction_counts_per_task_compare_spyglass_with_the_floor(tmp_path: Path) -> None:
+    """Per task, valgrind counts what each variant's process executes, and the table sets spyglass against the floor.
+
+    The count runs the same task process as the CPU measurement (Celery's own tracer, no broker):
+    spyglass and the floor each add a span, metrics and log context to the baseline's task, so both
+    execute more instructions per task than Celery alone, and the per-task table states
+    spyglass's addition as a multiple of the floor's.
+    """
+    from benchmarks import instructions, run
+
+    counts = instructions.measure_variants(
+        ["baseline", "spyglass", "floor"],
+        run._clean_environment(),
+        small=20,
+        large=120,
+        warmup=20,
+        module=instructions.TASK_MODULE,
+    )
+    assert 100_000 < counts["baseline"] < counts["floor"], counts  # Celery's tracer alone: hundreds of thousands
+    assert counts["baseline"] < counts["spyglass"], counts
+    lines = "\n".join(run.render_instruction_table(counts, unit="task"))
+    assert "## Instructions per task (valgrind: deterministic)" in lines
+    ratio = (counts["spyglass"] - counts["baseline"]) / (counts["floor"] - counts["baseline"])
+    assert f"spyglass added ÷ floor added, in instructions: {ratio:.2f}." in lines
