@@ -33,6 +33,7 @@ __all__ = [
     "measure_variants",
     "per_extra_unit",
     "valgrind_available",
+    "variant_variables",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,20 @@ class InstructionCountError(Exception):
 def valgrind_available() -> bool:
     """Whether ``valgrind`` is on the PATH."""
     return shutil.which("valgrind") is not None
+
+
+def variant_variables(module: str, variant: str, workdir: str) -> dict[str, str]:
+    """The variables a measurement process of ``module`` starts with for ``variant``.
+
+    Spans go to ``workdir/traces.jsonl``; a task process also gets ``workdir/metrics`` (created
+    here) as its multi-process metrics directory, as a pool process has one.
+    """
+    traces_file = os.path.join(workdir, "traces.jsonl")
+    if module == TASK_MODULE:
+        metrics_dir = os.path.join(workdir, "metrics")
+        os.makedirs(metrics_dir, exist_ok=True)
+        return task_overhead.variant_environment(variant, traces_file, metrics_dir)
+    return variant_environment(variant, traces_file)
 
 
 def _count_total(
@@ -77,12 +92,7 @@ def _count_total(
             str(requests),
         ]
         env = dict(environment)
-        if module == TASK_MODULE:
-            metrics_dir = os.path.join(workdir, "metrics")
-            os.mkdir(metrics_dir)
-            env.update(task_overhead.variant_environment(variant, traces_file, metrics_dir))
-        else:
-            env.update(variant_environment(variant, traces_file))
+        env.update(variant_variables(module, variant, workdir))
         completed = subprocess.run(
             command,
             cwd=ROOT,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import instructions, report, task_overhead
-from benchmarks.http_overhead import VARIANTS, variant_environment
+from benchmarks.http_overhead import VARIANTS
 
 __all__ = ["BenchmarkError", "Summary", "main", "render_report", "run_benchmark"]
 
@@ -114,12 +114,7 @@ def _measure_once(name: str, warmup: int, requests: int, module: str = HTTP_MODU
         traces_file = os.path.join(workdir, "traces.jsonl")
         result_file = os.path.join(workdir, "result.json")
         environment = _clean_environment()
-        if module == TASK_MODULE:
-            metrics_dir = os.path.join(workdir, "metrics")
-            os.mkdir(metrics_dir)
-            environment.update(task_overhead.variant_environment(name, traces_file, metrics_dir))
-        else:
-            environment.update(variant_environment(name, traces_file))
+        environment.update(instructions.variant_variables(module, name, workdir))
         command = [
             sys.executable,
             "-m",
