@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import instructions, report, task_overhead
-from benchmarks.http_overhead import VARIANTS
+from benchmarks.http_overhead import VARIANTS, count_spans
 
 __all__ = ["BenchmarkError", "Summary", "main", "render_report", "run_benchmark"]
 
@@ -148,9 +148,12 @@ def _measure_once(name: str, warmup: int, requests: int, module: str = HTTP_MODU
             raise BenchmarkError(f"variant {name!r} failed with exit status {completed.returncode}:\n{tail}")
         try:
             with open(result_file, encoding="utf-8") as file:
-                return json.load(file)
+                result: dict[str, Any] = json.load(file)
         except (OSError, ValueError) as exc:
             raise BenchmarkError(f"variant {name!r} exited without a readable result ({exc}):\n{stderr}") from exc
+        # Spans of the warm-up are in the file too: compared with warmup + requests (+1 check).
+        result["spans_written"] = count_spans(traces_file)
+        return result
 
 
 def run_benchmark(
