@@ -17,11 +17,13 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
+from spyglass.light_span import LightSpanStarter
 
 View = Callable[[], object]
 
@@ -246,3 +248,46 @@ def test_a_trace_the_sampler_drops_is_not_recorded_but_keeps_its_context(serve) 
     (context,) = seen
     assert context.is_valid
     assert not context.trace_flags.sampled
+
+
+class CountingIds(IdGenerator):
+    """A user's id generator: one fixed trace id, span ids counting up from 1."""
+
+    def __init__(self) -> None:
+        self.last_span_id = 0
+
+    def generate_span_id(self) -> int:
+        self.last_span_id += 1
+        return self.last_span_id
+
+    def generate_trace_id(self) -> int:
+        return 0xFEED
+
+
+def test_span_ids_come_from_the_tracer_providers_id_generator() -> None:
+    """A generator set on the provider names the spans; the SDK's random one gives distinct random ids."""
+    counting = LightSpanStarter(TracerProvider(id_generator=CountingIds()), "test", "1")
+    first, trace_id, span_id, sampled = counting.start("GET /", None, {})
+    second = counting.start("GET /", None, {})[0]
+    assert (trace_id, span_id, sampled) == (0xFEED, 1, True)
+    assert second.get_span_context().span_id == 2
+    assert not first.get_span_context().trace_flags.random_trace_id
+
+    random_ids = LightSpanStarter(TracerProvider(), "test", "1")
+    contexts = [random_ids.start("GET /", None, {})[0].get_span_context() for _ in range(50)]
+    assert len({context.trace_id for context in contexts}) == 50
+    assert len({context.span_id for context in contexts}) == 50
+    assert all(context.is_valid and context.trace_flags.random_trace_id for context in contexts)
+
+
+def test_a_child_started_under_a_current_span_joins_its_trace() -> None:
+    """Without an explicit parent, the span current in the context (as the API set it) is the parent."""
+    starter = LightSpanStarter(TracerProvider(id_generator=CountingIds()), "test", "1")
+    parent = NonRecordingSpan(SpanContext(0xABC, 0x123, True, TraceFlags(TraceFlags.SAMPLED)))
+    token = otel_context.attach(trace.set_span_in_context(parent))
+    try:
+        child = starter.start("child", None, {}, SpanKind.INTERNAL)[0]
+    finally:
+        otel_context.detach(token)
+    assert child.get_span_context().trace_id == 0xABC
+    assert child.parent is not None and child.parent.span_id == 0x123

@@ -26,6 +26,7 @@ redacted as log messages are (``password=...`` pairs, bearer tokens; see
 from __future__ import annotations
 
 import logging
+import random
 import traceback
 from collections.abc import Mapping, MutableMapping, Sequence
 from time import time_ns
@@ -37,6 +38,7 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.attributes.exception_attributes import (
@@ -49,6 +51,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from opentelemetry.util import types
 
 from spyglass.config import DEFAULT_REDACT_KEYS
+from spyglass.context_access import context_access, span_of
 from spyglass.redaction import Redactor
 from spyglass.sampling import TRACE_ID_LIMIT, SamplingRule
 
@@ -416,6 +419,9 @@ class LightSpanStarter:
         self._rule = rule
         self._ids = provider.id_generator
         self._random_ids = self._ids.is_trace_id_random()
+        # The SDK's default generator is random.getrandbits until it draws a non-zero id: called directly.
+        self._random_bits = random.getrandbits if type(self._ids) is RandomIdGenerator else None
+        self._current_context = context_access().current
 
     def start(
         self,
@@ -431,31 +437,38 @@ class LightSpanStarter:
         when the sampler drops the trace) with its trace id, span id and sampled flag.
         """
         start_time = time_ns()
-        parent: SpanContext | None = trace.get_current_span(parent_context).get_span_context()
+        parent: SpanContext | None = span_of(
+            parent_context if parent_context is not None else self._current_context()
+        ).get_span_context()
         ids = self._ids
+        bits = self._random_bits
         if parent is None or not parent.is_valid:
             parent = None
-            trace_id = ids.generate_trace_id()
-            random = self._random_ids
+            trace_id = (bits(128) if bits is not None else 0) or ids.generate_trace_id()
+            random_id = self._random_ids
         else:
             trace_id = parent.trace_id
-            random = parent.trace_flags.random_trace_id
-        span_id = ids.generate_span_id()
+            random_id = parent.trace_flags.random_trace_id
+        span_id = (bits(64) if bits is not None else 0) or ids.generate_span_id()
+        valid = 0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX
         rule = self._rule
         if rule is not None:
             if parent is not None and rule.parent_based:
                 sampled = parent.trace_flags.sampled
+                state = parent.trace_state
             else:
                 sampled = trace_id & TRACE_ID_LIMIT < rule.bound
-            context = _span_context(
-                trace_id, span_id, _FLAGS[sampled, random], parent.trace_state if parent is not None else None
-            )
+                state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
+            # SpanContext(trace_id, span_id, is_remote=False, ...) without its keyword handling.
+            context = _new_tuple(SpanContext, (trace_id, span_id, False, _FLAGS[sampled, random_id], state, valid))
             if not sampled:
                 return NonRecordingSpan(context), trace_id, span_id, False
             span_attributes: MutableMapping[str, Any] = attributes
         else:
             result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes)
-            context = _span_context(trace_id, span_id, _FLAGS[result.decision.is_sampled(), random], result.trace_state)
+            context = _span_context(
+                trace_id, span_id, _FLAGS[result.decision.is_sampled(), random_id], result.trace_state
+            )
             sampled = result.decision.is_sampled()
             if not result.decision.is_recording():
                 return NonRecordingSpan(context), trace_id, span_id, sampled

@@ -36,9 +36,9 @@ from typing import Any
 
 import orjson
 import structlog
-from opentelemetry import trace
 
 from spyglass.config import Settings
+from spyglass.context_access import current_span
 from spyglass.line_writer import LineWriter
 from spyglass.log_export import AccessFields, AccessLine, LogLineExporter, LogPipelineCounters, build_log_exporter
 from spyglass.process_hooks import call_at_exit
@@ -209,7 +209,7 @@ def _stdout_writer(settings: Settings, exporters: list[LogLineExporter]) -> Line
 
 def _add_trace_context(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if "trace_id" not in event_dict:
-        context = trace.get_current_span().get_span_context()
+        context = current_span().get_span_context()
         if context.is_valid:
             event_dict["trace_id"] = format(context.trace_id, "032x")
             event_dict["span_id"] = format(context.span_id, "016x")

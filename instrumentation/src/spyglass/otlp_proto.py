@@ -27,6 +27,7 @@ from opentelemetry._logs import SeverityNumber
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from spyglass.light_span import LightSpan
 from spyglass.log_export import (
@@ -322,14 +323,14 @@ def _span(span: ReadableSpan) -> bytes:
 def _light_span(span: LightSpan) -> bytes:
     """:func:`_span` for spyglass's own span class, read from its fields rather than its properties."""
     parent = span._parent
-    trace_state = span._context.trace_state
+    trace_state = span._context[4]  # SpanContext is a tuple: (trace id, span id, remote, flags, state, valid)
     name = span._name
     attributes = span._attributes
     status = span._status
     start, end = span._start_time, span._end_time
     if (
         parent is None
-        and not trace_state
+        and (trace_state is DEFAULT_TRACE_STATE or not trace_state)  # TraceState's len() is Python code
         and name
         and start
         and end
@@ -342,7 +343,7 @@ def _light_span(span: LightSpan) -> bytes:
             span._trace_id.to_bytes(16, "big"),
             span._span_id.to_bytes(8, "big"),
             _field(5, _text(name)),
-            _KIND_FIELDS[span._kind],
+            _KIND_FIELDS_BY_ID[id(span._kind)],
             _FIXED64(start),
             _FIXED64(end),
             _encode_items(9, attributes),
@@ -352,13 +353,13 @@ def _light_span(span: LightSpan) -> bytes:
     parts = [
         b"\x0a\x10" + span._trace_id.to_bytes(16, "big") + b"\x12\x08" + span._span_id.to_bytes(8, "big"),
     ]
-    if trace_state:
+    if trace_state is not DEFAULT_TRACE_STATE and trace_state:
         parts.append(_trace_state(trace_state))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
     if name:
         parts.append(_field(5, _text(name)))
-    parts.append(_KIND_FIELDS[span._kind])
+    parts.append(_KIND_FIELDS_BY_ID[id(span._kind)])
     if start:
         parts.append(b"\x39" + _FIXED64(start))
     if end:
@@ -381,6 +382,8 @@ def _light_span(span: LightSpan) -> bytes:
 
 
 _KIND_FIELDS = {kind: _uint(6, number) for kind, number in _KINDS.items()}
+_KIND_FIELDS_BY_ID = {id(kind): field for kind, field in _KIND_FIELDS.items()}
+"""The same, keyed by the members' identity: an enum member's hash is computed by Python code."""
 _UNSET_STATUS = _field(15, b"")
 _UNSET = LightSpan._status
 """The status every light span starts with (unset) and keeps unless one is set."""

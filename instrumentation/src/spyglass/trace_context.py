@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagate import get_global_textmap
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from spyglass.context_access import span_in_context
 
 __all__ = ["mark_w3c_propagator", "parse_traceparent", "remote_parent"]
 
@@ -26,6 +27,7 @@ _TRACEPARENT = re.compile(TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORM
 _INVALID_TRACE_ID = "0" * 32
 _INVALID_SPAN_ID = "0" * 16
 _FLAGS = {value: TraceFlags(value) for value in range(256)}
+_EMPTY = Context()
 _w3c_propagators: set[TextMapPropagator] = set()  # by identity; a process builds a handful at most
 
 
@@ -65,5 +67,5 @@ def remote_parent(carrier: Any, getter: Any, read: Any = getattr) -> Context | N
             parent = parse_traceparent(header)
             if parent is None:
                 return None
-            return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+            return span_in_context(NonRecordingSpan(parent), _EMPTY)
     return propagator.extract(carrier, getter=getter) or None

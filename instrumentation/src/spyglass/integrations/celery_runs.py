@@ -33,6 +33,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from opentelemetry import trace
 
 from spyglass import query_tally, runtime
+from spyglass.context_access import current_span
 from spyglass.integrations import celery_endings
 from spyglass.integrations.celery_labels import queue_of, task_label, type_name
 
@@ -225,7 +226,7 @@ def _flush_interrupted_run() -> None:
 
 def _sampled_span_ids() -> tuple[str, str]:
     """Hex ids of the current span if it is sampled, else empty strings."""
-    context = trace.get_current_span().get_span_context()
+    context = current_span().get_span_context()
     if not (context.is_valid and context.trace_flags.sampled):
         return "", ""
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"

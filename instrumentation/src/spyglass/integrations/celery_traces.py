@@ -56,6 +56,7 @@ from opentelemetry.instrumentation.celery import utils as celery_utils
 from opentelemetry.propagate import inject
 from opentelemetry.trace import Status, StatusCode
 
+from spyglass.context_access import context_access, span_in_context
 from spyglass.light_tracer import LightTracerProvider
 from spyglass.trace_context import remote_parent
 
@@ -155,6 +156,7 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
         if not hasattr(self, "_unknown_publishes"):
             # task id -> (span, context token) of publishes of unknown tasks, between the two signals.
             self._unknown_publishes: dict[str, tuple[trace.Span, object]] = {}
+            self._context_access = context_access()
 
     def _trace_before_publish(self, *args: Any, **kwargs: Any) -> None:
         if celery_utils.retrieve_task_from_sender(kwargs) is not None:
@@ -203,7 +205,8 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
             kind=trace.SpanKind.CONSUMER,
             attributes=canvas_attributes(request),
         )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        context = self._context_access
+        token = context.attach(span_in_context(span, parent if parent is not None else context.current()))
         celery_utils.attach_context(task, task_id, span, None, token)
         return span, token
 
@@ -240,7 +243,7 @@ class SpyglassCeleryInstrumentor(CeleryInstrumentor):
                 span.set_status(Status(StatusCode.ERROR, f"rejected: {retval!r}"))
         span.end()
         celery_utils.detach_context(task, task_id)
-        otel_context.detach(token)
+        self._context_access.detach(token)  # type: ignore[arg-type]
 
     def publish_failed(self, task_name: str, task_id: str | None, error: BaseException) -> None:
         """End the publish span of a publish that raised: status ERROR, the exception recorded.

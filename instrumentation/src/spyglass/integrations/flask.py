@@ -24,6 +24,7 @@ from opentelemetry import trace
 from werkzeug.wsgi import ClosingIterator
 
 from spyglass import query_tally, runtime
+from spyglass.context_access import context_access, span_in_context
 from spyglass.light_span import LightSpan
 from spyglass.logs import AccessLog
 
@@ -170,7 +171,8 @@ class _ResponseBody:
         if iterator is None:
             iterator = self._iterator = iter(self._body)
         context = self._state.context
-        token = otel_context.attach(context) if context is not None else None
+        access = self._owner.context
+        token = access.attach(context) if context is not None else None
         try:
             return next(iterator)
         except StopIteration:
@@ -178,7 +180,7 @@ class _ResponseBody:
             raise
         finally:
             if token is not None:
-                otel_context.detach(token)
+                access.detach(token)
 
     def close(self) -> None:
         try:
@@ -199,6 +201,10 @@ class FlaskInstrumentation:
         self._wsgi_app = wsgi_app
         self._telemetry = telemetry
         self._spans = telemetry.server_spans
+        self.context = context_access()
+        self._current_context = self.context.current
+        self._attach = self.context.attach
+        self._reset = self.context.reset
         self._propagator = telemetry.propagator
         self._propagation_keys = tuple("HTTP_" + field.upper().replace("-", "_") for field in self._propagator.fields)
         assert telemetry.http_metrics is not None, "spyglass is disabled"
@@ -244,7 +250,10 @@ class FlaskInstrumentation:
             if tally is not None:
                 query_tally.detach(tally)
             if token is not None:
-                otel_context.detach(token)
+                try:
+                    self._reset(token)
+                except Exception:  # not the context attached above: logged, as the API's detach does
+                    self.context.detach(token)
         if not state.streamed:
             # The body is a list computed by the view: the request is complete (this is also
             # what makes telemetry visible to test clients that never read the body).
@@ -259,12 +268,12 @@ class FlaskInstrumentation:
                 parent = self._propagator.extract(environ, getter=_GETTER)
                 break
         method = state.method
-        scheme = environ.get("wsgi.url_scheme", "http")
-        address, port = _server_address(environ)
+        path = state.path
+        address, port = _ADDRESS_CACHE.get(environ.get("HTTP_HOST")) or _server_address(environ)
         attributes: dict[str, Any] = {
             "http.request.method": method,
-            "url.path": _clip(state.path),
-            "url.scheme": scheme,
+            "url.path": path if len(path) <= _ATTRIBUTE_LIMIT else path[:_ATTRIBUTE_LIMIT],
+            "url.scheme": environ.get("wsgi.url_scheme", "http"),
             "server.address": address,
         }
         if port is not None:
@@ -284,11 +293,12 @@ class FlaskInstrumentation:
             "HTTP" if method == "_OTHER" else method, parent, attributes
         )
         state.span = span
-        state.trace_hex = f"{trace_id:032x}"
-        state.span_hex = f"{span_id:016x}"
+        # bytes.hex() is half the work of formatting an int with a width.
+        state.trace_hex = trace_id.to_bytes(16, "big").hex()
+        state.span_hex = span_id.to_bytes(8, "big").hex()
         state.sampled = sampled
-        state.context = trace.set_span_in_context(span, parent)
-        return otel_context.attach(state.context)
+        state.context = context = span_in_context(span, parent if parent is not None else self._current_context())
+        return self._attach(context)
 
     def _finish(self, state: _RequestState) -> None:
         if state.done:
