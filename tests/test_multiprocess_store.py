@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from spyglass.metrics import multiprocess
 from spyglass.metrics.cells import MmapCell, cell_of
 from spyglass.metrics.exemplars import ExemplarFile, attach_exemplars, exemplar_key, read_exemplars
-from spyglass.metrics.instruments import CeleryMetrics
+from spyglass.metrics.instruments import EXEMPLAR_INTERVAL_S, CeleryMetrics, HttpServerMetrics
 
 BOUNDS = (0.1, 1.0, float("inf"))
 LABELS = ("http_request_method", "http_route", "http_response_status_code")
@@ -298,3 +298,29 @@ def test_single_process_values_are_used_as_they_are() -> None:
     """Outside multi-process mode the library's own value (a float behind a lock) is the cell."""
     plain = values.MutexValue("counter", "n", "n_total", (), (), "N.")
     assert cell_of(plain) is plain
+
+
+def _bucket_exemplars(registry: CollectorRegistry) -> dict[str, str]:
+    """Trace id of the exemplar on each bucket of the request-duration histogram, by ``le``."""
+    (family,) = [family for family in registry.collect() if family.name == "http_server_request_duration_seconds"]
+    return {
+        sample.labels["le"]: sample.exemplar.labels["trace_id"]
+        for sample in family.samples
+        if sample.name.endswith("_bucket") and sample.exemplar is not None
+    }
+
+
+def test_a_buckets_exemplar_is_replaced_at_most_once_per_sample_interval() -> None:
+    """Sampled requests that follow within EXEMPLAR_INTERVAL_S keep the bucket's exemplar; later ones
+    replace it, and each bucket has its own interval.
+    """
+    registry = CollectorRegistry()
+    metrics = HttpServerMetrics(registry)
+    ids = {number: (f"{number:032x}", f"{number:016x}") for number in range(1, 5)}
+    metrics.observe("GET", "/x", "200", 0.003, *ids[1])
+    metrics.observe("GET", "/x", "200", 0.004, *ids[2])  # same bucket, within the interval
+    metrics.observe("GET", "/x", "200", 7.0, *ids[3])  # another bucket: its own interval
+    assert _bucket_exemplars(registry) == {"0.005": ids[1][0], "7.5": ids[3][0]}
+    time.sleep(EXEMPLAR_INTERVAL_S + 0.02)
+    metrics.observe("GET", "/x", "200", 0.004, *ids[4])
+    assert _bucket_exemplars(registry) == {"0.005": ids[4][0], "7.5": ids[3][0]}

@@ -28,6 +28,7 @@ from spyglass.metrics.exemplars import ExemplarFile
 from spyglass.metrics.multiprocess import store
 
 __all__ = [
+    "EXEMPLAR_INTERVAL_S",
     "CeleryMetrics",
     "DatabaseMetrics",
     "HttpServerMetrics",
@@ -52,6 +53,8 @@ def build_metric(spec: MetricSpec, registry: CollectorRegistry | None) -> Counte
 
 
 _T = TypeVar("_T")
+EXEMPLAR_INTERVAL_S = 0.09
+"""Shortest time between two exemplars of one histogram bucket (the Prometheus Java client's default)."""
 
 
 def _stored(create: Callable[[], _T]) -> _T | None:
@@ -355,9 +358,14 @@ class _FastHistogram:
     bounds in Python; the hot paths need none of that: their values and exemplar labels are valid
     by construction, and the bucket is found by bisection. Exemplars go to the child's bucket in a
     single process, to this process's exemplar file in multi-process mode.
+
+    A bucket's exemplar is replaced at most every :data:`EXEMPLAR_INTERVAL_S`, as the Prometheus
+    Java client samples them: a busy route's bucket then names a request of its last tenth of a
+    second rather than its very last one, and the exemplar costs a few writes per bucket and
+    interval instead of per request.
     """
 
-    __slots__ = ("_bounds", "_buckets", "_exemplars", "_family", "_labelnames", "_series", "_sum")
+    __slots__ = ("_bounds", "_buckets", "_exemplar_times", "_exemplars", "_family", "_labelnames", "_series", "_sum")
 
     def __init__(
         self,
@@ -380,15 +388,23 @@ class _FastHistogram:
         self._labelnames = labelnames
         self._bounds = bounds
         self._exemplars = exemplars
+        self._exemplar_times = [float("-inf")] * len(bounds)  # when each bucket's exemplar was last set
 
     def observe(self, seconds: float, trace_id: str = "", span_id: str = "") -> None:
-        """Record one value; ``trace_id``/``span_id`` (hex) of a sampled span become the bucket's exemplar."""
+        """Record one value; ``trace_id``/``span_id`` (hex) of a sampled span become the bucket's exemplar.
+
+        The exemplar is left as it is when the bucket's was set less than :data:`EXEMPLAR_INTERVAL_S` ago.
+        """
         self._sum.inc(seconds)
-        bucket = self._buckets[bisect_left(self._bounds, seconds)]
+        index = bisect_left(self._bounds, seconds)
+        bucket = self._buckets[index]
         bucket.inc(1)
         if not trace_id:
             return
         now = time.time()
+        if 0.0 <= now - self._exemplar_times[index] < EXEMPLAR_INTERVAL_S:  # a clock set back records at once
+            return
+        self._exemplar_times[index] = now
         if self._exemplars is None:
             bucket.set_exemplar(Exemplar({"trace_id": trace_id, "span_id": span_id}, seconds, now))
         else:
