@@ -171,7 +171,7 @@ class _ResponseBody:
         if iterator is None:
             iterator = self._iterator = iter(self._body)
         context = self._state.context
-        access = self._owner.context
+        access = self._owner.context_access
         token = access.attach(context) if context is not None else None
         try:
             return next(iterator)
@@ -201,10 +201,10 @@ class FlaskInstrumentation:
         self._wsgi_app = wsgi_app
         self._telemetry = telemetry
         self._spans = telemetry.server_spans
-        self.context = context_access()
-        self._current_context = self.context.current
-        self._attach = self.context.attach
-        self._reset = self.context.reset
+        self.context_access = context_access()
+        self._current_context = self.context_access.current
+        self._attach = self.context_access.attach
+        self._reset = self.context_access.reset
         self._propagator = telemetry.propagator
         self._propagation_keys = tuple("HTTP_" + field.upper().replace("-", "_") for field in self._propagator.fields)
         assert telemetry.http_metrics is not None, "spyglass is disabled"
@@ -253,7 +253,7 @@ class FlaskInstrumentation:
                 try:
                     self._reset(token)
                 except Exception:  # not the context attached above: logged, as the API's detach does
-                    self.context.detach(token)
+                    self.context_access.detach(token)
         if not state.streamed:
             # The body is a list computed by the view: the request is complete (this is also
             # what makes telemetry visible to test clients that never read the body).
@@ -293,7 +293,7 @@ class FlaskInstrumentation:
             "HTTP" if method == "_OTHER" else method, parent, attributes
         )
         state.span = span
-        # bytes.hex() is half the work of formatting an int with a width.
+        # bytes.hex() is half the work of formatting an int with a width (ids are 128 and 64 bits).
         state.trace_hex = trace_id.to_bytes(16, "big").hex()
         state.span_hex = span_id.to_bytes(8, "big").hex()
         state.sampled = sampled
