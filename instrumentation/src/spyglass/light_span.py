@@ -450,17 +450,15 @@ class LightSpanStarter:
             trace_id = parent.trace_id
             random_id = parent.trace_flags.random_trace_id
         span_id = (bits(64) if bits is not None else 0) or ids.generate_span_id()
-        valid = 0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX
         rule = self._rule
         if rule is not None:
             if parent is not None and rule.parent_based:
                 sampled = parent.trace_flags.sampled
-                state = parent.trace_state
             else:
                 sampled = trace_id & TRACE_ID_LIMIT < rule.bound
-                state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
-            # SpanContext(trace_id, span_id, is_remote=False, ...) without its keyword handling.
-            context = _new_tuple(SpanContext, (trace_id, span_id, False, _FLAGS[sampled, random_id], state, valid))
+            context = _span_context(
+                trace_id, span_id, _FLAGS[sampled, random_id], parent.trace_state if parent is not None else None
+            )
             if not sampled:
                 return NonRecordingSpan(context), trace_id, span_id, False
             span_attributes: MutableMapping[str, Any] = attributes

@@ -204,7 +204,6 @@ class FlaskInstrumentation:
         self.context_access = context_access()
         self._current_context = self.context_access.current
         self._attach = self.context_access.attach
-        self._reset = self.context_access.reset
         self._propagator = telemetry.propagator
         self._propagation_keys = tuple("HTTP_" + field.upper().replace("-", "_") for field in self._propagator.fields)
         assert telemetry.http_metrics is not None, "spyglass is disabled"
@@ -250,10 +249,7 @@ class FlaskInstrumentation:
             if tally is not None:
                 query_tally.detach(tally)
             if token is not None:
-                try:
-                    self._reset(token)
-                except Exception:  # not the context attached above: logged, as the API's detach does
-                    self.context_access.detach(token)
+                self.context_access.detach(token)
         if not state.streamed:
             # The body is a list computed by the view: the request is complete (this is also
             # what makes telemetry visible to test clients that never read the body).
