@@ -57,6 +57,23 @@ def test_a_lone_line_is_written_within_the_delay(tmp_path) -> None:
         os.close(descriptor)
 
 
+def test_a_line_given_to_a_closed_writer_is_written_at_once(tmp_path) -> None:
+    """A thread still holding a writer that was closed (logging set up again meanwhile) does not
+    leave its line waiting for the process to exit: there is no background thread left to write it.
+    """
+    path = tmp_path / "out.log"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        writer = LineWriter(descriptor, max_delay=60)
+        writer.write(b'{"event":"before"}\n')
+        writer.close()
+        assert path.read_bytes() == b'{"event":"before"}\n'
+        writer.write(b'{"event":"late"}\n')
+        assert path.read_bytes() == b'{"event":"before"}\n{"event":"late"}\n'
+    finally:
+        os.close(descriptor)
+
+
 def test_pending_lines_are_written_when_the_process_exits(tmp_path) -> None:
     """Lines still in a batch when the interpreter exits normally are not lost."""
     result = subprocess.run(

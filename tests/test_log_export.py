@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from google.protobuf import json_format
@@ -211,10 +212,23 @@ FORK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_forked_child_exports_its_own_lines_and_never_its_parents(tmp_path: Path) -> None:
-    """Lines queued before a fork (a prefork worker's start) are exported once, by the parent."""
-    script = tmp_path / "fork.py"
-    script.write_text(FORK_SCRIPT)
+def logs_file_bodies(path: Path) -> list[str]:
+    """The body of every record in an OTLP JSON logs file."""
+    return [
+        record["body"]["stringValue"]
+        for line in path.read_text().splitlines()
+        for resource_logs in json.loads(line)["resourceLogs"]
+        for scope_logs in resource_logs["scopeLogs"]
+        for record in scope_logs["logRecords"]
+    ]
+
+
+def run_exporting_to_a_file(tmp_path: Path, source: str, **extra_env: str) -> tuple[list[str], list[str]]:
+    """Run ``source`` with its log lines exported to an OTLP JSON file: the events on its stdout
+    and the bodies of the records in the file.
+    """
+    script = tmp_path / "script.py"
+    script.write_text(source)
     logs_file = tmp_path / "logs.jsonl"
     env = clean_environment(
         OTEL_SERVICE_NAME="forks",
@@ -223,18 +237,103 @@ def test_a_forked_child_exports_its_own_lines_and_never_its_parents(tmp_path: Pa
         OTEL_TRACES_EXPORTER="none",
         OTEL_LOGS_EXPORTER="otlp_json_file",
         SPYGLASS_LOGS_FILE=str(logs_file),
-        OTEL_BLRP_SCHEDULE_DELAY="60000",
-        SPYGLASS_LOG_FLUSH_INTERVAL="0",
+        **extra_env,
     )
-    subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True, timeout=30, capture_output=True)
-    bodies = [
-        record["body"]["stringValue"]
-        for line in logs_file.read_text().splitlines()
-        for resource_logs in json.loads(line)["resourceLogs"]
-        for scope_logs in resource_logs["scopeLogs"]
-        for record in scope_logs["logRecords"]
-    ]
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, check=True, timeout=30, capture_output=True
+    )
+    events = [json.loads(line)["event"] for line in result.stdout.decode().splitlines()]
+    return events, logs_file_bodies(logs_file)
+
+
+def test_a_forked_child_exports_its_own_lines_and_never_its_parents(tmp_path: Path) -> None:
+    """Lines queued before a fork (a prefork worker's start) are exported once, by the parent."""
+    _, bodies = run_exporting_to_a_file(
+        tmp_path, FORK_SCRIPT, OTEL_BLRP_SCHEDULE_DELAY="60000", SPYGLASS_LOG_FLUSH_INTERVAL="0"
+    )
     assert sorted(bodies) == ["before fork", "in child", "in parent"]
+
+
+POOL_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import spyglass
+    from spyglass import runtime
+
+    runtime.init(role="master")  # a Celery worker's main process, or a gunicorn master
+    log = spyglass.get_logger("tasks")  # bound at import, in the master, as a module does
+    log.info("in parent")
+    pid = os.fork()
+    if pid == 0:
+        runtime.mark_worker()  # what gunicorn's post_fork and Celery's worker_process_init do
+        runtime.init(role="worker")
+        log.info("in child")
+        spyglass.shutdown()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    spyglass.shutdown()
+    """
+)
+
+
+def test_a_logger_bound_before_a_worker_sets_up_its_pipeline_is_exported_by_it(tmp_path: Path) -> None:
+    """A module-level logger made in the master writes, in a pool process that set up its own
+    pipeline, through that pipeline: its lines are exported, not left to the master's retired one.
+    """
+    events, bodies = run_exporting_to_a_file(tmp_path, POOL_SCRIPT)
+    assert events.count("in child") == 1 and events.count("in parent") == 1, events
+    assert sorted(bodies) == ["in child", "in parent"]
+
+
+def test_a_gunicorn_worker_exports_the_lines_it_logged_before_its_own_pipeline_once(tmp_path: Path) -> None:
+    """The worker logs gunicorn's "Booting worker" before spyglass sets the worker's pipeline up:
+    that line is exported once, like the lines the worker logs afterwards.
+    """
+    logs_file = tmp_path / "logs.jsonl"
+    server = start_gunicorn(tmp_path / "server", OTEL_LOGS_EXPORTER="otlp_json_file", SPYGLASS_LOGS_FILE=str(logs_file))
+    try:
+        with requests.Session() as session:
+            assert session.get(f"{server.url}/items/1", timeout=10).status_code == 200
+    finally:
+        assert server.stop() == 0
+    bodies = logs_file_bodies(logs_file)
+    booted = [body for body in bodies if body.startswith("Booting worker with pid")]
+    assert len(booted) == 2 and len(set(booted)) == 2, booted
+    assert bodies.count("item looked up") == 1, bodies
+
+
+def test_a_gunicorn_worker_warns_once_and_at_once_about_a_logs_file_it_cannot_write(tmp_path: Path) -> None:
+    """A logs file that cannot be written is reported once per process, while it serves: not again,
+    with the time it booted, when it exits (its master's pipeline, which it held until its own was
+    set up, shares what the worker knows of the file).
+    """
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    logs_file = blocker / "logs.jsonl"
+    server = start_gunicorn(
+        tmp_path / "server",
+        OTEL_LOGS_EXPORTER="otlp_json_file",
+        SPYGLASS_LOGS_FILE=str(logs_file),
+        OTEL_BLRP_SCHEDULE_DELAY="100",
+    )
+
+    def warnings() -> list[dict]:
+        return [line for line in server.log_lines() if str(line.get("event", "")).startswith("cannot write the logs")]
+
+    try:
+        with requests.Session() as session:
+            for item in range(1, 11):
+                assert session.get(f"{server.url}/items/{item}", timeout=10).status_code == 200
+        workers = {child.pid for child in psutil.Process(server.process.pid).children()}
+        assert wait_for(lambda: {line["process.pid"] for line in warnings()} >= workers | {server.process.pid})
+        time.sleep(0.5)  # a second warning (from the retired pipeline) came within a batch interval
+        while_serving = warnings()
+    finally:
+        assert server.stop() == 0
+    assert sorted(line["process.pid"] for line in while_serving) == sorted(workers | {server.process.pid})
+    assert warnings() == while_serving, "warned again on the way out"
+    for line in while_serving:
+        assert line["path"] == str(logs_file) and line["error.type"] == "EEXIST", line
 
 
 def test_log_export_settings_follow_the_otel_variables() -> None:

@@ -134,3 +134,27 @@ def _spans_of(request: dict) -> list[dict]:
         for scope_spans in resource_spans["scopeSpans"]
         for span in scope_spans["spans"]
     ]
+
+
+def test_exporters_of_one_file_in_one_process_report_its_outage_once(tmp_path: Path, caplog) -> None:
+    """Two exporters writing the same file (a pipeline set up again while the old one drains) share
+    what they know of it: one warning when writing fails, one line when it works again.
+    """
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    path = blocker / "traces.jsonl"
+    first, second = OtlpJsonFileSpanExporter(str(path)), OtlpJsonFileSpanExporter(str(path))
+    spans = sample_spans()
+    with caplog.at_level("INFO", logger="spyglass.traces"):
+        assert first.export(spans).name == "FAILURE"
+        assert second.export(spans).name == "FAILURE"
+        blocker.unlink()
+        blocker.mkdir()
+        assert second.export(spans).name == "SUCCESS"
+        assert first.export(spans).name == "SUCCESS"
+    records = [record for record in caplog.records if record.name == "spyglass.traces"]
+    assert [record.getMessage() for record in records] == [
+        "cannot write the traces file: spans are dropped until it can be written again",
+        "writing the traces file again",
+    ]
+    assert records[-1].dropped == 2 * len(spans)

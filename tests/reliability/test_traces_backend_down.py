@@ -3,7 +3,8 @@
 Two gunicorn servers run the same instrumented app side by side: one exports to a live OTLP
 receiver (the healthy run), the other to a backend that is down, either refusing connections or
 accepting them and never answering. Requests alternate between the two, so both see the same
-machine noise, and the comparison is made within one test run.
+machine noise, and the comparison is made within one test run. A collector that never answers
+does not hold up a worker's start either.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -197,3 +199,49 @@ def test_a_traces_backend_that_is_down_costs_no_latency_no_memory_and_export_res
     assert ratio <= P99_TOLERANCE, (healthy.p99(), degraded.p99())
     assert growth < MEMORY_GROWTH_LIMIT_MB, (degraded.rss_mb, healthy.rss_mb)
     assert excess < MEMORY_EXCESS_LIMIT_MB, (degraded.rss_mb, healthy.rss_mb)
+
+
+def worker_boot_seconds(tmp: Path, collector_port: int) -> float:
+    """Seconds from a lone worker's "Booting worker" line to the end of the first request it served.
+
+    The request is sent as soon as the master listens, so it waits for the worker to be ready.
+    """
+    server = start_gunicorn(
+        tmp,
+        workers=1,
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}",
+        OTEL_EXPORTER_OTLP_TIMEOUT="10000",
+    )
+
+    def lines_once_served() -> list[dict] | None:
+        lines = server.log_lines()
+        return lines if any(line.get("event") == "request" for line in lines) else None
+
+    try:
+        assert get(server.app_port, "/items/1")[0] == 200
+        lines = wait_for(lines_once_served)
+    finally:
+        server.stop()
+    booted = next(line for line in lines if str(line.get("event", "")).startswith("Booting worker"))
+    served = next(line for line in lines if line.get("event") == "request")
+    start = datetime.fromisoformat(booted["timestamp"])
+    return (datetime.fromisoformat(served["timestamp"]) - start).total_seconds()
+
+
+def test_a_worker_starts_at_once_when_the_collector_does_not_answer(tmp_path: Path) -> None:
+    """A gunicorn worker sets up its own pipeline right after the fork; the lines it logged before
+    (gunicorn's "Booting worker") move to it instead of being exported on the spot, so a collector
+    that accepts connections and never answers does not hold the worker's start (it held it 2 s,
+    the bound of an export at exit, before).
+    """
+    receiver = OtlpReceiver()
+    silent_port = free_port()
+    silent = silent_backend(silent_port)
+    try:
+        healthy = worker_boot_seconds(tmp_path / "healthy", receiver.port)
+        stalled = worker_boot_seconds(tmp_path / "silent", silent_port)
+    finally:
+        silent.close()
+        receiver.close()
+    print(f"worker ready {healthy:.2f} s after booting with a live collector, {stalled:.2f} s with a silent one")
+    assert stalled < healthy + 1.0

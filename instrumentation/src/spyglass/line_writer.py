@@ -11,7 +11,9 @@ A ``tee`` callable, if given, receives every batch of lines as it is written (sp
 export queues them there). It runs on the thread that writes the batch and must not block.
 
 Pending lines are written at exit and by :meth:`LineWriter.flush` (gunicorn's ``worker_exit``
-calls it); a process killed with SIGKILL loses at most ``max_delay`` seconds of lines.
+calls it); a process killed with SIGKILL loses at most ``max_delay`` seconds of lines. A closed
+writer has no background thread left: a line still given to it (by a thread that held on to it
+while logging was set up again) is written at once rather than held until exit.
 """
 
 from __future__ import annotations
@@ -80,8 +82,14 @@ class LineWriter:
         if batch:
             self._write(batch)
 
+    def take_pending(self) -> list[bytes]:
+        """Remove and return the lines not written yet (to hand them to the writer replacing this one)."""
+        with self._lock:
+            return self._take()
+
     def close(self) -> None:
-        """Flush and stop the background thread."""
+        """Flush and stop the background thread; lines written from now on are written at once."""
+        self._max_delay = 0.0
         self._stopped.set()
         self.flush()
 

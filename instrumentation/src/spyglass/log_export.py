@@ -290,6 +290,13 @@ class LogLineExporter:
         if ready:
             self._wake.set()
 
+    def take_queued(self) -> list[bytes]:
+        """Remove and return the lines waiting for export (to hand them to the exporter replacing this one)."""
+        with self._lock:
+            queued = list(self._queue)
+            self._queue.clear()
+            return queued
+
     def flush(self, timeout_s: float | None = None) -> bool:
         """Export what is queued now; wait at most ``timeout_s`` (the export thread's bound by default)."""
         if self._thread is None:

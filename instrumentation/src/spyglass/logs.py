@@ -77,14 +77,20 @@ _counters = _Counters()
 
 
 class _LineLogger:
-    """The structlog output logger: rendered bytes go to the shared line writer."""
+    """The structlog output logger: rendered bytes go to the line writer of the pipeline in place.
+
+    A logger bound before logging was set up again (a module's ``log = get_logger(...)`` imported
+    before a gunicorn or Celery pool process sets up its own pipeline) writes through the new
+    pipeline, so its lines are batched and exported like every other; once logging is reset, they
+    go to the writer it was made with, which writes them at once.
+    """
 
     def __init__(self, writer: LineWriter) -> None:
         self._writer = writer
 
     def msg(self, message: bytes) -> None:
         """Write one rendered line."""
-        self._writer.write(message + b"\n")
+        (_writer or self._writer).write(message + b"\n")
 
     log = debug = info = warn = warning = error = err = fatal = failure = exception = critical = msg
 
@@ -355,10 +361,7 @@ def configure_logging(settings: Settings) -> None:
     global _writer, _exporters
     level = logging.getLevelNamesMapping()[settings.log_level.upper()]
     shared = _shared_processors(settings)
-    if _writer is not None:
-        _writer.close()
-    for exporter in _exporters:
-        exporter.shutdown()
+    retired_writer, retired_exporters = _writer, _exporters
     _exporters = _log_exporters(settings) if settings.log_format == "json" else []
     _writer = writer = _stdout_writer(settings, _exporters)
     call_at_exit(_flush_at_exit)
@@ -414,11 +417,44 @@ def configure_logging(settings: Settings) -> None:
     werkzeug = logging.getLogger("werkzeug")
     if _drop_werkzeug_access_lines not in werkzeug.filters:
         werkzeug.addFilter(_drop_werkzeug_access_lines)
+    _hand_over(retired_writer, retired_exporters, writer, _exporters)
+    _retire(retired_writer, retired_exporters)
     if settings.logs_exporters and settings.log_format != "json":
         logging.getLogger("spyglass.logs").warning(
             "log export (OTEL_LOGS_EXPORTER) needs SPYGLASS_LOG_FORMAT=json; logs go to stdout only",
             extra={"log_format": settings.log_format},
         )
+
+
+def _hand_over(
+    retired_writer: LineWriter | None,
+    retired_exporters: list[LogLineExporter],
+    writer: LineWriter | None,
+    exporters: list[LogLineExporter],
+) -> None:
+    """Give what a replaced pipeline still holds to the new one, in order.
+
+    Lines not written yet go out through the new writer (and so to its exporters); lines written
+    but not yet exported move to the new exporter in the same place of ``OTEL_LOGS_EXPORTER``. The
+    replaced pipeline is then left with nothing to do, so retiring it never waits on a backend:
+    a gunicorn worker or Celery pool process, which inherits its master's pipeline and sets up its
+    own right after the fork, starts at once even when the collector does not answer.
+    """
+    if retired_writer is not None and writer is not None:
+        for line in retired_writer.take_pending():
+            writer.write(line)
+    for retired, exporter in zip(retired_exporters, exporters, strict=False):
+        queued = retired.take_queued()
+        if queued:
+            exporter.offer(queued)
+
+
+def _retire(writer: LineWriter | None, exporters: list[LogLineExporter]) -> None:
+    """Close a replaced pipeline: its last lines are written and exported (or counted as lost)."""
+    if writer is not None:
+        writer.close()
+    for exporter in exporters:
+        exporter.shutdown()
 
 
 class _RateLimit(logging.Filter):
@@ -468,12 +504,8 @@ def _flush_at_exit() -> None:
 def reset_logging() -> None:
     """Undo :func:`configure_logging` (used by :func:`spyglass.shutdown` and tests)."""
     global _writer, _exporters
-    if _writer is not None:
-        _writer.close()
-        _writer = None
-    for exporter in _exporters:
-        exporter.shutdown()
-    _exporters = []
+    _retire(_writer, _exporters)
+    _writer, _exporters = None, []
     _counters.target = None
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -14,9 +14,11 @@ which the caller counts (``otel_sdk_exporter_span_exported_total{error_type="exp
 warning when its writes start failing (naming the file and the error) and one line when they
 work again on a file system with free blocks, with the number of spans or records lost in
 between (a small batch that still fits in the last page of the file on a full disk does not end
-the outage). The file is opened for each batch, so writing resumes by itself once there is
-room, or the file system is writable, again. A write that the disk cut short is taken back, so
-the file never holds half a line.
+the outage). Exporters of one file in one process share that state (a gunicorn worker that sets
+up its own pipeline still holds its master's until it is retired), and a forked child starts its
+own, so each process says it once. The file is opened for each batch, so writing resumes by
+itself once there is room, or the file system is writable, again. A write that the disk cut
+short is taken back, so the file never holds half a line.
 
 Every line is valid UTF-8 JSON on one line: a string that is not valid Unicode (a lone surrogate,
 from a decoded file name or a broken client) has the offending code points replaced by U+FFFD
@@ -43,6 +45,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from spyglass.light_span import LightSpan
+from spyglass.process_hooks import call_after_fork_in_child
 from spyglass.redaction import escape_json_line_breaks
 
 _UNSET_STATUS = LightSpan._status  # a light span's status until something sets one
@@ -389,10 +392,14 @@ class _JsonLinesFile:
         self.path = path
         self._signal = signal
         self._items = items
+        self._logger = logging.getLogger(f"spyglass.{signal}")
+        self.start_over()
+
+    def start_over(self) -> None:
+        """Forget past failures (a forked child has had none of its own yet)."""
         self._lock = threading.Lock()
         self._failing = False
         self._lost = 0
-        self._logger = logging.getLogger(f"spyglass.{signal}")
 
     def append(self, line: bytes, count: int) -> bool:
         """Append one line holding ``count`` items; False (the items counted as lost) if that failed."""
@@ -429,6 +436,28 @@ class _JsonLinesFile:
         return True
 
 
+_files: dict[tuple[str, str], _JsonLinesFile] = {}
+_files_lock = threading.Lock()
+
+
+def _start_over_after_fork() -> None:
+    global _files_lock
+    _files_lock = threading.Lock()
+    for lines_file in _files.values():
+        lines_file.start_over()
+
+
+def _json_lines_file(path: str, signal: str, items: str) -> _JsonLinesFile:
+    """The process's one :class:`_JsonLinesFile` for ``signal`` lines in ``path``."""
+    call_after_fork_in_child(_start_over_after_fork)
+    key = (os.path.abspath(path), signal)
+    with _files_lock:
+        lines_file = _files.get(key)
+        if lines_file is None:
+            lines_file = _files[key] = _JsonLinesFile(path, signal, items)
+        return lines_file
+
+
 class OtlpJsonFileSpanExporter(SpanExporter):
     """Append each exported batch as one OTLP/JSON line to ``path`` (directories are created).
 
@@ -438,7 +467,7 @@ class OtlpJsonFileSpanExporter(SpanExporter):
     """
 
     def __init__(self, path: str) -> None:
-        self._file = _JsonLinesFile(path, "traces", "spans")
+        self._file = _json_lines_file(path, "traces", "spans")
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write the batch; a failure to write loses the batch and is reported as a failure."""
@@ -463,7 +492,7 @@ class OtlpJsonFileLogExporter(LogRecordExporter):
     """
 
     def __init__(self, path: str) -> None:
-        self._file = _JsonLinesFile(path, "logs", "log records")
+        self._file = _json_lines_file(path, "logs", "log records")
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
         """Write the batch; a failure to write loses the batch and is reported as a failure."""
