@@ -56,6 +56,10 @@ def build_app(engine: Engine) -> flask.Flask:
             authors = session.scalars(select(Author).options(selectinload(Author.books)))
             return {author.name: len(author.books) for author in authors}
 
+    @app.get("/health")
+    def health():
+        return "ok"
+
     @app.get("/broken")
     def broken():
         with engine.connect() as connection:
@@ -155,6 +159,18 @@ def test_lazy_loading_in_a_loop_is_reported_as_n_plus_one_and_eager_loading_is_n
     assert sample("spyglass_db_queries_per_request_sum", **lazy) == 1 + AUTHORS
     assert sample("spyglass_db_queries_per_request_sum", **eager) == 2
     assert sample("spyglass_db_queries_per_request_count", **eager) == 1
+
+
+def test_a_request_that_runs_no_statement_adds_no_query_count(library) -> None:
+    """Queries per request are observed for requests that ran SQL; a request without any is not counted as 0."""
+    client, _engine, _traces = library()
+    for path in ("/health", "/authors/eager", "/health"):
+        assert client.get(path).status_code == 200
+    route = {"http_request_method": "GET", "http_route": "/health"}
+    assert sample("spyglass_db_queries_per_request_count", **route) == 0
+    eager = {"http_request_method": "GET", "http_route": "/authors/eager"}
+    assert sample("spyglass_db_queries_per_request_count", **eager) == 1
+    assert sample("spyglass_db_queries_per_request_sum", **eager) == 2
 
 
 def test_a_failed_statement_marks_its_span_and_duration_with_the_error(library) -> None:

@@ -10,13 +10,13 @@ loaded one by one in a loop):
 - a warning log line naming the statement, the count, the route or task and the trace;
 - one increment of ``spyglass_db_n_plus_one_requests_total`` or ``..._tasks_total``.
 
-Tallies are opened only once an engine is instrumented (:func:`enable`), so requests of a
-service without SQLAlchemy pay one global lookup.
+Tallies are opened only once an engine is instrumented (:func:`enable`). A unit of work may be
+its own tally (the Flask request state and the Celery run are :class:`QueryTally` subclasses), so
+opening one allocates nothing, and a unit that runs no statement never builds its counts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 from typing import Any
@@ -33,24 +33,33 @@ _enabled = False
 
 
 class QueryTally:
-    """How many times each SQL statement ran in one request or task run."""
+    """How many times each SQL statement ran in one request or task run.
 
-    __slots__ = ("by_statement", "queries", "token")
+    Subclasses that set up their own slots call :meth:`reset_tally` instead of this ``__init__``.
+    """
+
+    __slots__ = ("by_statement", "queries", "tally_token")
 
     def __init__(self) -> None:
+        self.reset_tally()
+
+    def reset_tally(self) -> None:
+        """Start from no statement (the counts by statement are built at the first one)."""
         self.queries = 0
-        self.by_statement: dict[str, int] = {}
-        self.token: contextvars.Token | None = None
+        self.by_statement: dict[str, int] | None = None
+        self.tally_token: contextvars.Token | None = None
 
     def add(self, statement: str) -> None:
         """Count one run of ``statement``."""
         self.queries += 1
         counts = self.by_statement
+        if counts is None:
+            counts = self.by_statement = {}
         counts[statement] = counts.get(statement, 0) + 1
 
     def repeated(self, threshold: int) -> list[tuple[str, int]]:
         """Statements that ran at least ``threshold`` times, most frequent first (none if ``threshold`` is 0)."""
-        if threshold < 2 or self.queries < threshold:
+        if threshold < 2 or self.queries < threshold or self.by_statement is None:
             return []
         found = [(statement, count) for statement, count in self.by_statement.items() if count >= threshold]
         return sorted(found, key=lambda item: -item[1])
@@ -72,22 +81,31 @@ def current() -> QueryTally | None:
     return _current.get()
 
 
-def open_tally() -> QueryTally | None:
-    """Start counting the statements of the unit of work beginning now (``None`` when nothing is instrumented)."""
+def open_tally(tally: QueryTally | None = None) -> QueryTally | None:
+    """Count the statements of the unit of work beginning now into ``tally`` (a new one if not given).
+
+    Returns the tally, or ``None`` when no engine is instrumented (nothing is counted then).
+    """
     if not _enabled:
         return None
-    tally = QueryTally()
-    tally.token = _current.set(tally)
+    if tally is None:
+        tally = QueryTally()
+    tally.tally_token = _current.set(tally)
     return tally
 
 
 def detach(tally: QueryTally) -> None:
     """Stop counting into ``tally`` in the current context (statements that follow are not the unit's)."""
-    token, tally.token = tally.token, None
+    token = tally.tally_token
     if token is None:
         return
-    with contextlib.suppress(ValueError):  # ended in another context (a streamed response): leave that one alone
+    tally.tally_token = None
+    # try/except rather than contextlib.suppress: this runs once per request, and suppress builds
+    # an object and makes two Python calls each time.
+    try:  # noqa: SIM105
         _current.reset(token)
+    except ValueError:  # ended in another context (a streamed response): leave that one alone
+        pass
 
 
 def close(

@@ -83,10 +83,13 @@ def set_run_tracer(tracer: RunTracer | None) -> None:
     _run_tracer = tracer
 
 
-class _Run:
-    """One run of a task in this process, from ``task_prerun`` to ``task_postrun``."""
+class _Run(query_tally.QueryTally):
+    """One run of a task in this process, from ``task_prerun`` to ``task_postrun``.
 
-    __slots__ = ("exception", "name", "queue", "request", "span", "span_id", "started", "tally", "token", "trace_id")
+    It is also the tally of the SQL statements the run executes.
+    """
+
+    __slots__ = ("exception", "name", "queue", "request", "span", "span_id", "started", "token", "trace_id")
 
     def __init__(self, name: str, queue: str, request: Any) -> None:
         self.name = name
@@ -97,7 +100,9 @@ class _Run:
         self.span: trace.Span | None = None
         self.token: object = None
         self.trace_id = self.span_id = ""
-        self.tally: query_tally.QueryTally | None = None
+        self.queries = 0  # the tally's slots, set here rather than through a second __init__ call
+        self.by_statement = None
+        self.tally_token = None
 
 
 # Runs in progress in this process, by task id and thread: with the threads pool a task that
@@ -127,7 +132,7 @@ def task_started(sender: Any = None, task_id: str | None = None, task: Any = Non
         metrics.started(run.name, run.queue, wait, run.trace_id, run.span_id)
     # Every line logged while the task runs (Celery's "succeeded" line included) names it.
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
-    run.tally = query_tally.open_tally()
+    query_tally.open_tally(run)
 
 
 def task_finished(
@@ -151,8 +156,8 @@ def task_finished(
     else:
         # IGNORED (the task raised Ignore, e.g. it replaced itself) ended without error.
         outcome = span_outcome = _OUTCOMES.get(state, "success" if state == "IGNORED" else "failure")
-    if run.tally is not None:
-        query_tally.close(run.tally, run.span, run.trace_id, run.span_id, task_name=run.name)
+    if run.tally_token is not None:
+        query_tally.close(run, run.span, run.trace_id, run.span_id, task_name=run.name)
     if run.span is not None:
         tracer = _run_tracer
         if tracer is not None:

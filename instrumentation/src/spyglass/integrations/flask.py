@@ -53,7 +53,9 @@ class _EnvironGetter:
 _GETTER = _EnvironGetter()
 
 
-class _RequestState:
+class _RequestState(query_tally.QueryTally):
+    """One request in flight; it is also the tally of the SQL statements it runs."""
+
     __slots__ = (
         "active",
         "context",
@@ -69,7 +71,6 @@ class _RequestState:
         "start",
         "status",
         "streamed",
-        "tally",
         "trace_hex",
     )
 
@@ -89,7 +90,9 @@ class _RequestState:
         self.done = False
         self.streamed = True
         self.active: Any = None
-        self.tally: query_tally.QueryTally | None = None
+        self.queries = 0  # the tally's slots, set here rather than through a second __init__ call
+        self.by_statement = None
+        self.tally_token = None
 
 
 def _capture_response(response: flask.Response) -> flask.Response:
@@ -230,7 +233,7 @@ class FlaskInstrumentation:
         token = None
         if self._spans is not None:
             token = self._start_span(environ, state)
-        tally = state.tally = query_tally.open_tally()
+        query_tally.open_tally(state)
 
         def _start_response(status: str, headers: list, exc_info: Any = None) -> Any:
             state.status = status
@@ -246,8 +249,8 @@ class FlaskInstrumentation:
             self._finish(state)
             raise
         finally:
-            if tally is not None:
-                query_tally.detach(tally)
+            if state.tally_token is not None:
+                query_tally.detach(state)
             if token is not None:
                 self.context_access.detach(token)
         if not state.streamed:
@@ -306,9 +309,9 @@ class FlaskInstrumentation:
         route = state.route or UNMATCHED_ROUTE
         method = state.method
         span = state.span
-        if state.tally is not None:
+        if state.queries:
             ids = (state.trace_hex, state.span_hex) if state.sampled else ("", "")
-            query_tally.close(state.tally, span, *ids, method=method, route=route)
+            query_tally.close(state, span, *ids, method=method, route=route)
         if type(span) is LightSpan:  # recording (a dropped trace has a NonRecordingSpan)
             self._finish_span(span, state, status_code)
         if state.sampled:
