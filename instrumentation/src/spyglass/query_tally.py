@@ -35,18 +35,15 @@ _enabled = False
 class QueryTally:
     """How many times each SQL statement ran in one request or task run.
 
-    Subclasses that set up their own slots call :meth:`reset_tally` instead of this ``__init__``.
+    A subclass on the hot path may set the three slots in its own ``__init__`` instead of calling
+    this one (``queries`` 0, ``by_statement`` and ``tally_token`` ``None``).
     """
 
     __slots__ = ("by_statement", "queries", "tally_token")
 
     def __init__(self) -> None:
-        self.reset_tally()
-
-    def reset_tally(self) -> None:
-        """Start from no statement (the counts by statement are built at the first one)."""
         self.queries = 0
-        self.by_statement: dict[str, int] | None = None
+        self.by_statement: dict[str, int] | None = None  # built at the first statement
         self.tally_token: contextvars.Token | None = None
 
     def add(self, statement: str) -> None:
