@@ -266,13 +266,6 @@ def _cpu_text(microseconds: float | None) -> str:
     return "?" if microseconds is None else f"{microseconds:.0f} {MICRO}s"
 
 
-def _paired_ratios(summary: Summary, base: Summary) -> list[float]:
-    """Each repetition's tasks/s divided by the baseline's of the same repetition."""
-    return [
-        m.tasks_per_second / b.tasks_per_second for m, b in zip(summary.measurements, base.measurements, strict=True)
-    ]
-
-
 def _spans_cell(summary: Summary, tasks: int) -> str:
     counts = [m.spans_exported for m in summary.measurements if m.spans_exported is not None]
     if not counts:
@@ -304,13 +297,9 @@ def render_table(summaries: Sequence[Summary], tasks: int) -> str:
         if base is None:
             cells += [DASH, DASH]
         else:
-            paired = _paired_ratios(summary, base)
             cells.append(f"{summary.median / base.median:.2f}")
-            cells.append(
-                DASH
-                if summary is base
-                else f"{statistics.median(paired):.2f} ({min(paired):.2f}{DASH}{max(paired):.2f})"
-            )
+            paired = report.paired_ratios(summary.rates, base.rates)
+            cells.append(DASH if summary is base else report.ratio_spread(paired))
         cells.append(_cpu_cell([m.main_cpu_us for m in summary.measurements]))
         cells.append(_cpu_cell([m.pool_cpu_us for m in summary.measurements]))
         cells.append(_spans_cell(summary, tasks))

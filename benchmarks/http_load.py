@@ -453,17 +453,21 @@ def render_table(results: Sequence[VariantResult]) -> str:
     """The Markdown table of every variant, with ratios to the uninstrumented server."""
     base = next(result for result in results if result.name == BASELINE)
     lines = [
-        f"| Variant | Requests/s: median (min{DASH}max) | {TIMES} none | Noise | p50 ms | p99 ms "
+        f"| Variant | Requests/s: median (min{DASH}max) | {TIMES} none (of medians) "
+        f"| {TIMES} none per repetition: median (min{DASH}max) | Noise | p50 ms | p99 ms "
         f"| Server CPU µs/req | {TIMES} none | Errors | Telemetry received |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for result in results:
         throughput = result.values("throughput")
         cpu = result.median("server_cpu_us")
+        paired = (
+            DASH if result is base else report.ratio_spread(report.paired_ratios(throughput, base.values("throughput")))
+        )
         lines.append(
             f"| {result.name} | {statistics.median(throughput):,.0f} "
             f"({min(throughput):,.0f}{DASH}{max(throughput):,.0f}) "
-            f"| {result.median('throughput') / base.median('throughput'):.2f} | {report.noise(throughput)} "
+            f"| {result.median('throughput') / base.median('throughput'):.2f} | {paired} | {report.noise(throughput)} "
             f"| {result.median('p50_ms'):.2f} | {result.median('p99_ms'):.2f} "
             f"| {cpu:,.0f} | {cpu / base.median('server_cpu_us'):.2f} "
             f"| {sum(result.values('errors')):,.0f} | {_telemetry_cell(result)} |"
@@ -555,8 +559,16 @@ def render_section(
             "the server is stopped gracefully (its exporters flush) and the spans received are compared "
             "with the requests served, and the variants with a Prometheus endpoint are scraped once for the "
             "requests they counted. spyglass's access log (one JSON line per request) goes to a file. "
+            "gunicorn runs in a session of its own, as under a process manager, so that the kernel "
+            "schedules it as its own group against wrk and the benchmark (Linux autogroups); started in "
+            "the load generator's session instead, every thread of the machine competes as one group, "
+            "and the instrumented variants, whose workers run export threads beside the request thread, "
+            "lose far more throughput than none does. "
             "Medians are over the repetitions; noise is half the range of requests/s as a share of the "
-            "median. Rerun with `make bench` (or `.venv/bin/python -m benchmarks.http_load --help`).",
+            "median. The variants run interleaved (every variant once, then again), so the per-repetition "
+            "ratio divides each repetition's requests/s by none's of the same repetition, which cancels "
+            "the machine's drift between repetitions; the target is read on the ratio of the medians. "
+            "Rerun with `make bench` (or `.venv/bin/python -m benchmarks.http_load --help`).",
         ]
     )
 

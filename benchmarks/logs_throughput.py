@@ -311,11 +311,6 @@ def run_benchmark(variants: Sequence[str], repetitions: int, lines: int, warmup:
     return list(summaries.values())
 
 
-def _paired_ratios(summary: Summary, peer: Summary) -> list[float]:
-    """Each repetition's lines/s divided by the peer's of the same repetition."""
-    return [mine / theirs for mine, theirs in zip(summary.rates, peer.rates, strict=False)]
-
-
 def render_table(summaries: Sequence[Summary]) -> str:
     """The result table in Markdown."""
     peer = next((summary for summary in summaries if summary.name == PEER), None)
@@ -329,8 +324,7 @@ def render_table(summaries: Sequence[Summary]) -> str:
             ratio = paired = DASH
         else:
             ratio = f"{summary.median / peer.median:.2f}"
-            pairs = _paired_ratios(summary, peer)
-            paired = f"{statistics.median(pairs):.2f} ({min(pairs):.2f}{DASH}{max(pairs):.2f})"
+            paired = report.ratio_spread(report.paired_ratios(summary.rates, peer.rates))
         lines.append(
             f"| {summary.name} | {summary.median:,.0f} ({min(summary.rates):,.0f}{DASH}{max(summary.rates):,.0f}) "
             f"| {report.noise(summary.rates)} | {ratio} | {paired} | {summary.cpu_median:.1f} "

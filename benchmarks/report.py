@@ -38,7 +38,9 @@ __all__ = [
     "noise",
     "p95",
     "package_version",
+    "paired_ratios",
     "publish_section",
+    "ratio_spread",
     "read_figures",
     "read_section",
     "replace_section",
@@ -99,6 +101,23 @@ def write_figures(path: Path, figures: Sequence[Figure]) -> None:
 def read_figures(path: Path) -> list[Figure]:
     """The figures :func:`write_figures` stored at ``path``."""
     return [Figure(**item) for item in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def paired_ratios(values: Sequence[float], base: Sequence[float]) -> list[float]:
+    """Each repetition's value divided by the base's of the same repetition.
+
+    The variants of a benchmark run interleaved (every variant once, then again), so the
+    repetitions of the same index ran side by side; their ratio cancels the drift of the machine
+    between repetitions that the ratio of two medians keeps.
+    """
+    if len(values) != len(base):
+        raise ValueError(f"{len(values)} repetitions cannot be paired with {len(base)}")
+    return [value / reference for value, reference in zip(values, base, strict=True)]
+
+
+def ratio_spread(ratios: Sequence[float]) -> str:
+    """Ratios as their median and range: ``0.86 (0.80\u20130.92)``."""
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}\u2013{max(ratios):.2f})"
 
 
 def noise(values: Sequence[float]) -> str:

@@ -1,0 +1,60 @@
+"""The benchmark tables read what a reader needs from repeated, interleaved runs.
+
+The variants of a benchmark run interleaved, so the repetitions of one index ran side by side:
+the tables show, beside the ratio of the medians that a target is read on, the median and range
+of the per-repetition ratios, which cancel the machine's drift between repetitions.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import http_load, report
+
+
+def _run(requests_per_s: float) -> http_load.Run:
+    return http_load.Run(
+        served=int(requests_per_s * 10),
+        requests=int(requests_per_s * 10),
+        seconds=10.0,
+        p50_ms=1.0,
+        p99_ms=2.0,
+        errors=0,
+        server_cpu_us=250.0,
+        spans=None,
+        counted=None,
+    )
+
+
+def _row(table: str, variant: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {variant} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_per_repetition_ratios_divide_each_repetition_by_the_base_of_the_same_repetition() -> None:
+    """Ratio i is value i over base i; the spread shows their median, then their range."""
+    ratios = report.paired_ratios([90.0, 80.0, 120.0], [100.0, 100.0, 100.0])
+    assert ratios == pytest.approx([0.9, 0.8, 1.2])
+    assert report.ratio_spread(ratios) == "0.90 (0.80\u20131.20)"
+
+
+def test_per_repetition_ratios_refuse_runs_that_cannot_be_paired() -> None:
+    """A variant with a repetition missing is an error, not a silently shorter comparison."""
+    with pytest.raises(ValueError, match="3 repetitions cannot be paired with 2"):
+        report.paired_ratios([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_the_load_table_shows_the_per_repetition_ratio_beside_the_ratio_of_medians() -> None:
+    """A drifting machine: none and spyglass both slow down, the paired ratio stays put.
+
+    none's repetitions are 7,000, 5,000 and 6,000 requests/s; spyglass's 6,300, 4,500 and 5,100:
+    the ratio of the medians is 5,100 / 6,000 = 0.85, the per-repetition ratios 0.90, 0.90 and 0.85.
+    """
+    none = http_load.VariantResult("none", [_run(7000), _run(5000), _run(6000)])
+    spyglass = http_load.VariantResult("spyglass", [_run(6300), _run(4500), _run(5100)])
+    table = http_load.render_table([none, spyglass])
+    header = _row(table, "Variant")
+    row = _row(table, "spyglass")
+    assert row[header.index("\u00d7 none (of medians)")] == "0.85"
+    assert row[header.index("\u00d7 none per repetition: median (min\u2013max)")] == "0.90 (0.85\u20130.90)"
+    assert _row(table, "none")[header.index("\u00d7 none per repetition: median (min\u2013max)")] == "\u2013"
