@@ -356,3 +356,58 @@ def test_access_lines_parse_as_their_bytes_for_the_json_file_exporter(access_lin
         parsed, plain = parse_line(line), parse_line(bytes(line))
         assert parsed._replace(observed_ns=0) == plain._replace(observed_ns=0)
         assert parsed.body == "request" and parsed.scope_name == "spyglass.access"
+
+
+def test_entries_of_every_size_class_carry_their_length_as_the_sdk_encodes_it(
+    provider: tuple[TracerProvider, _Keep],
+) -> None:
+    """Spans and log lines whose encoding takes one, two or three bytes of length (under 128 bytes,
+    under 16 KiB, past it) are framed as the SDK frames them.
+    """
+    tracer_provider, kept = provider
+    starter = LightSpanStarter(tracer_provider, "spyglass.flask", "0.1.0")
+    sizes = (0, 40, 100, 16_300, 16_500, 40_000)
+    for size in sizes:
+        span, *_ = starter.start("GET", None, {"url.path": "p" * size} if size else {})
+        span.end()  # type: ignore[attr-defined]
+    assert ExportTraceServiceRequest.FromString(encode_spans_request(kept.spans)) == encode_spans(kept.spans)
+    resource = Resource.create({"service.name": "shop"})
+    lines = [b'{"event":"%s"}' % (b"e" * size) for size in sizes]
+    ours = ExportLogsServiceRequest.FromString(encode_log_lines_request(lines, resource))
+    sdk = encode_logs([line_to_log_record(line, resource) for line in lines])
+    assert _without_observed_time(ours) == _without_observed_time(sdk)
+
+
+def test_access_lines_with_paths_near_the_one_piece_limit_encode_as_their_parsed_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An access record is put together in one piece while its path pair has one-byte lengths, and
+    field by field past that; either way it is the record the line's bytes parse to.
+    """
+    from spyglass import logs
+    from spyglass.config import load_settings
+    from spyglass.log_export import AccessLine
+
+    written: list[bytes] = []
+    monkeypatch.setattr(logs, "_writer", type("Keep", (), {"write": lambda self, line: written.append(line)})())
+    monkeypatch.setattr(logs, "_exporters", [object()])
+    access = logs.AccessLog(load_settings({"OTEL_SERVICE_NAME": "shop"}))
+    for length in range(108, 120):
+        trace_id, span_id = ("8d7c6f20b4a453441b1543b77e081b9e", "af7f6d66e8f5a2e1") if length % 2 else ("", "")
+        access.http_request(
+            "GET",
+            "/p/<path:rest>",
+            "/" + "é" * (length // 4) + "p" * (length - length // 2),
+            200,
+            0.5,
+            trace_id,
+            span_id,
+        )
+    assert all(type(line) is AccessLine for line in written)
+    resource = Resource.create({"service.name": "shop"})
+    from_fields = ExportLogsServiceRequest.FromString(encode_log_lines_request(written, resource))
+    from_bytes = ExportLogsServiceRequest.FromString(
+        encode_log_lines_request([bytes(line) for line in written], resource)
+    )
+    assert _without_observed_time(from_fields) == _without_observed_time(from_bytes)
+    assert len(from_fields.resource_logs[0].scope_logs[0].log_records) == 12

@@ -320,6 +320,17 @@ def _span(span: ReadableSpan) -> bytes:
     return b"".join(parts)
 
 
+_NAME_FIELDS: dict[str, bytes] = {}
+"""The encoded ``name`` field of span names seen (bounded): a service's span names are its routes and tasks."""
+
+
+def _name_field(name: str) -> bytes:
+    encoded = _field(5, _text(name))
+    if len(_NAME_FIELDS) < 1024:
+        _NAME_FIELDS[name] = encoded
+    return encoded
+
+
 def _light_span(span: LightSpan) -> bytes:
     """:func:`_span` for spyglass's own span class, read from its fields rather than its properties."""
     parent = span._parent
@@ -342,7 +353,7 @@ def _light_span(span: LightSpan) -> bytes:
         return b"\x0a\x10%s\x12\x08%s%s%s\x39%s\x41%s%s%s%s" % (
             span._trace_id.to_bytes(16, "big"),
             span._span_id.to_bytes(8, "big"),
-            _field(5, _text(name)),
+            _NAME_FIELDS.get(name) or _name_field(name),
             _KIND_FIELDS_BY_ID[id(span._kind)],
             _FIXED64(start),
             _FIXED64(end),
@@ -415,7 +426,7 @@ def encode_spans_request(spans: Sequence[ReadableSpan]) -> bytes:
             scopes = grouped.setdefault(id(resource), (resource, {}))[1]
             encoded = scopes.setdefault(id(scope), (scope, []))[1]
             last_resource, last_scope = resource, scope
-        encoded.append(_LENGTH_TAGS[2] + _varint(len(body)) + body)
+        encoded += (_length_prefix(len(body)), body)  # joined once, not copied twice per span
     out = []
     for resource, scopes in grouped.values():
         body = [_field(1, encode_attributes(1, resource.attributes))]
@@ -467,14 +478,13 @@ def _level_fields(level: Any) -> bytes:
     return encoded
 
 
-def _line_record(line: bytes) -> tuple[str | None, bytes]:
-    """The scope name and ``LogRecord`` body of one rendered line, read and encoded in one pass.
+def _line_record(line: bytes, observed: bytes) -> tuple[str | None, bytes]:
+    """The scope name and ``LogRecord`` body of one rendered JSON line, read and encoded in one pass.
 
-    The record is the one :func:`spyglass.log_export.parse_line` describes (held equal by tests);
-    a line that is not a JSON object goes through ``parse_line`` itself.
+    ``observed`` is the encoded observed time of the batch. The record is the one
+    :func:`spyglass.log_export.parse_line` describes (held equal by tests); a line that is not a
+    JSON object goes through ``parse_line`` itself.
     """
-    if type(line) is AccessLine:
-        return _ACCESS_SCOPE, _access_record(line.fields)
     try:
         fields = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -510,7 +520,7 @@ def _line_record(line: bytes) -> tuple[str | None, bytes]:
         + b"".join(attributes)
         + (_trace_fields(trace_id, span_id) if trace_id and span_id else b"")
         + b"\x59"
-        + _FIXED64(time.time_ns())
+        + observed
     )
     return (logger_name if isinstance(logger_name, str) else None), record
 
@@ -518,48 +528,105 @@ def _line_record(line: bytes) -> tuple[str | None, bytes]:
 _ACCESS_SCOPE = "spyglass.access"
 _ACCESS_HEADS: dict[tuple[str, str, str], bytes] = {}
 _STATUS_KEY = "http.response.status_code"
+_STATUS_PAIRS: dict[int, bytes] = {}
+"""The encoded status attribute of each status code seen (bounded: codes are integers a view returns)."""
 _DURATION_KEY = "http.server.request.duration"
+_PATH_KEY_FIELD = _field(1, b"url.path")
+_PATH_PAIR_OVERHEAD = len(_PATH_KEY_FIELD) + 4
+"""A ``url.path`` pair's bytes besides the path's: the key field and the three tags and lengths of its value."""
 
 
-def _access_record(fields: AccessFields) -> bytes:
-    """The ``LogRecord`` body of an access line, from the fields it was rendered from.
+def _access_head(level: str, method: str, route: str) -> bytes:
+    """Severity, body, method and route of an access record: they repeat from request to request."""
+    head = (
+        _level_fields(level)
+        + _field(5, _field(1, b"request"))
+        + _cached_pair(6, "http.request.method", method)
+        + _cached_pair(6, "http.route", route)
+    )
+    if len(_ACCESS_HEADS) < 1024:
+        _ACCESS_HEADS[(level, method, route)] = head
+    return head
+
+
+def _status_pair(status: int) -> bytes:
+    pair = _field(6, _key_value(_STATUS_KEY, status))
+    if len(_STATUS_PAIRS) < 1024:
+        _STATUS_PAIRS[status] = pair
+    return pair
+
+
+def _access_entry(fields: AccessFields, observed: bytes) -> bytes:
+    """The ``log_records`` entry (tag, length, ``LogRecord``) of an access line, from the fields it was rendered from.
 
     Severity, body, method, route and status repeat from request to request: their encoding is
-    kept. The ids are the line's own hexadecimal text, written by spyglass.
+    kept. The ids are the line's own hexadecimal text, written by spyglass. In the common case (a
+    path under 114 bytes, a record under 16 KiB) the whole entry is one formatting call.
     """
     level, method, route, path, status, duration, timestamp_ns, trace_hex, span_hex = fields
-    head_key = (level, method, route)
-    head = _ACCESS_HEADS.get(head_key)
+    head = _ACCESS_HEADS.get((level, method, route))
     if head is None:
-        head = (
-            _level_fields(level)
-            + _field(5, _field(1, b"request"))
-            + _cached_pair(6, "http.request.method", method)
-            + _cached_pair(6, "http.route", route)
-        )
-        if len(_ACCESS_HEADS) < 1024:
-            _ACCESS_HEADS[head_key] = head
+        head = _access_head(level, method, route)
+    status_pair = _STATUS_PAIRS.get(status)
+    if status_pair is None:
+        status_pair = _status_pair(status)
     if len(trace_hex) == 32 and len(span_hex) == 16:
-        ids = _TRACE_ID_TAG + bytes.fromhex(trace_hex) + b"\x52\x08" + bytes.fromhex(span_hex)
+        # Flags and both ids with their tags, decoded from hexadecimal in one call.
+        ids = bytes.fromhex(_TRACE_ID_TAG_HEX + trace_hex + "5208" + span_hex)
     else:
         ids = b""
-    return b"\x09%s%s%s%s%s%s%s\x59%s" % (
+    try:
+        text = path.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _text(path)
+    size = len(text)
+    pair_size = size + _PATH_PAIR_OVERHEAD
+    record_size = _ACCESS_FIXED_SIZE + len(head) + pair_size + 2 + len(status_pair) + len(ids)
+    if pair_size < 0x80 and 0x80 <= record_size < 0x4000:
+        return b"\x12%c%c\x09%s%s\x32%c%s\x12%c\x0a%c%s%s%s%s%s\x59%s" % (
+            record_size & 0x7F | 0x80,
+            record_size >> 7,
+            _FIXED64(timestamp_ns),
+            head,
+            pair_size,
+            _PATH_KEY_FIELD,
+            size + 2,
+            size,
+            text,
+            status_pair,
+            _DURATION_PAIR_HEAD,
+            _DOUBLE(float(duration)),
+            ids,
+            observed,
+        )
+    record = b"\x09%s%s%s%s%s%s%s\x59%s" % (
         _FIXED64(timestamp_ns),
         head,
         _string_pair(6, "url.path", path),
-        _cached_pair(6, _STATUS_KEY, status),
+        status_pair,
         _DURATION_PAIR_HEAD,
         _DOUBLE(float(duration)),
         ids,
-        _FIXED64(time.time_ns()),
+        observed,
     )
+    return _length_prefix(len(record)) + record
 
 
 _TRACE_ID_TAG = b"\x45\x01\x00\x00\x00\x4a\x10"
 """Flags (sampled: the line was written inside a recorded span), then the tag of the 16-byte trace id."""
+_TRACE_ID_TAG_HEX = _TRACE_ID_TAG.hex()
 _DURATION_KEY_FIELD = _field(1, _DURATION_KEY.encode())
 _DURATION_PAIR_HEAD = _field(6, _DURATION_KEY_FIELD + b"\x12\x09\x21" + bytes(8))[:-8]
 """The ``KeyValue`` of the duration up to its 8-byte double (its length never changes)."""
+_ACCESS_FIXED_SIZE = 9 + len(_DURATION_PAIR_HEAD) + 8 + 9
+"""An access record's bytes that never change in length: the two timestamps and the duration pair."""
+
+
+def _length_prefix(size: int) -> bytes:
+    """The tag and length of a ``log_records`` or ``spans`` entry of ``size`` bytes (field 2 of its scope)."""
+    if 0x80 <= size < 0x4000:
+        return b"\x12%c%c" % (size & 0x7F | 0x80, size >> 7)
+    return _LENGTH_TAGS[2] + _varint(size)
 
 
 def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> bytes:
@@ -571,14 +638,23 @@ def encode_log_lines_request(lines: Sequence[bytes], resource: Resource) -> byte
     scopes: dict[str | None, list[bytes]] = {}
     last_name: str | None = None
     records: list[bytes] | None = None
+    # The time the exporter observed the lines: one reading for the batch, encoded once.
+    observed = _FIXED64(time.time_ns())
     for line in lines:
-        name, record = _line_record(line)
+        if type(line) is AccessLine:
+            name, entry = _ACCESS_SCOPE, _access_entry(line.fields, observed)
+        else:
+            name, record = _line_record(line, observed)
+            entry = None
         if records is None or name != last_name:  # consecutive lines mostly share their scope
             records = scopes.get(name)
             if records is None:
                 records = scopes[name] = []
             last_name = name
-        records.append(_LENGTH_TAGS[2] + _varint(len(record)) + record)
+        if entry is None:
+            records += (_length_prefix(len(record)), record)
+        else:
+            records.append(entry)
     body = [_field(1, encode_attributes(1, resource.attributes))]
     for name, records in scopes.items():
         body.append(_field(2, _field(1, _field(1, _text(name)) if name else b"") + b"".join(records)))
