@@ -51,7 +51,7 @@ BENCHMARKS = (
     Benchmark(
         "http-instructions",
         "benchmarks.worker_instructions",
-        ("--variants", "spyglass", "--small", "10", "--large", "30", "--warmup", "5"),
+        ("--variants", "spyglass", "--parts", "--small", "10", "--large", "30", "--warmup", "5"),
     ),
     Benchmark(
         "in-process",

@@ -19,6 +19,10 @@ ten minutes and ``SPYGLASS_LOG_FLUSH_INTERVAL`` to its maximum, one minute: batc
 full, as they do under load, and ``large - small`` defaults to a multiple of the batch size (512).
 Counts are user space only: system calls and waiting on memory are not in them.
 
+With ``spyglass`` among the variants, its worker is also counted with one part switched off at a
+time by its setting (:data:`PARTS`: the span export, the log export, the access line, the
+``traceresponse`` header); what a part costs is spyglass's count minus that count.
+
 Writes the section ``http-instructions`` of docs/performance.md (see :mod:`benchmarks.report`).
 """
 
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import http_load, report
@@ -41,10 +46,14 @@ from benchmarks.instructions import per_extra_unit
 __all__ = [
     "BATCHING_ENVIRONMENT",
     "BATCH_SIZE",
+    "PARTS",
     "SECTION",
+    "Part",
     "figures",
     "main",
     "measure_variants",
+    "part_variant",
+    "render_parts",
     "render_section",
     "worker_instructions",
 ]
@@ -71,6 +80,56 @@ TIMES = "\u00d7"
 DIVIDE = "\u00f7"
 NOISE = "under 1% (valgrind)"
 """Run-to-run variation of the counts (four full runs differed by 0.2 to 0.8 % per variant)."""
+PARTED = "spyglass"
+"""The variant whose parts are counted one at a time."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of spyglass's work per request, and the setting that switches it off."""
+
+    description: str
+    environment: dict[str, str]
+
+    @property
+    def setting(self) -> str:
+        """The setting as a user writes it (``OTEL_LOGS_EXPORTER=none``)."""
+        return ", ".join(f"`{name}={value}`" for name, value in self.environment.items())
+
+
+PARTS: dict[str, Part] = {
+    "span export": Part(
+        "encoding each SERVER span as OTLP protobuf and POSTing the batches (the span is still made: "
+        "its ids are in the access line, the header and the exemplars)",
+        {"OTEL_TRACES_EXPORTER": "none"},
+    ),
+    "log export": Part(
+        "each log line's OTLP log record, encoded and POSTed in batches (the lines still go to stdout)",
+        {"OTEL_LOGS_EXPORTER": "none"},
+    ),
+    "access line": Part(
+        "the JSON access line on stdout and its export",
+        {"SPYGLASS_ACCESS_LOG": "false"},
+    ),
+    "traceresponse header": Part(
+        "the W3C `traceresponse` header on every response",
+        {"SPYGLASS_TRACERESPONSE": "false"},
+    ),
+}
+"""What :func:`render_parts` prices, each by the settings that switch it off (and nothing else)."""
+
+
+def part_variant(part: str) -> str:
+    """The variant name under which ``spyglass`` without ``part`` is counted (``spyglass without log export``)."""
+    return f"{PARTED} without {part}"
+
+
+def _variant_setup(name: str) -> tuple[str, dict[str, str]]:
+    """The load benchmark's variant that ``name`` runs as, and the settings added to its environment."""
+    for part, definition in PARTS.items():
+        if name == part_variant(part):
+            return PARTED, definition.environment
+    return name, {}
 
 
 def _count_from_file(path: Path) -> int:
@@ -91,18 +150,20 @@ def worker_instructions(name: str, sink: str, requests: int, warmup: int) -> int
 
     The count covers the worker from its fork to its exit (every thread); the master is not counted.
     """
-    with tempfile.TemporaryDirectory(prefix=f"bench-instr-{name}-") as directory:
+    base, settings = _variant_setup(name)
+    with tempfile.TemporaryDirectory(prefix=f"bench-instr-{base}-") as directory:
         workdir = Path(directory)
         port, metrics_port = free_port(), free_port()
-        environment = http_load.variant_environment(name, workdir, sink, metrics_port)
+        environment = http_load.variant_environment(base, workdir, sink, metrics_port)
         environment.update(BATCHING_ENVIRONMENT)
+        environment.update(settings)
         command = [
             "valgrind",
             "--tool=callgrind",
             "--trace-children=yes",  # opentelemetry-instrument execs gunicorn
             f"--callgrind-out-file={workdir}/callgrind.%p",
             sys.executable,
-            *http_load.variant_command(name, port, workers=1, timeout_s=_WORKER_TIMEOUT_S),
+            *http_load.variant_command(base, port, workers=1, timeout_s=_WORKER_TIMEOUT_S),
         ]
         with (workdir / "server.log").open("wb") as log:
             process = subprocess.Popen(
@@ -154,8 +215,15 @@ def measure_variants(
     )
 
 
+def _load_variants(counts: dict[str, float]) -> dict[str, float]:
+    """The counts of the load benchmark's own variants (without the parts' variants)."""
+    parted = {part_variant(part) for part in PARTS}
+    return {name: count for name, count in counts.items() if name not in parted}
+
+
 def render_table(counts: dict[str, float]) -> str:
     """One line per variant: instructions per request, what the instrumentation adds, the ratio to ``none``."""
+    counts = _load_variants(counts)
     base = counts[BASELINE]
     lines = [
         f"| Variant | Worker instructions/request | Added | {TIMES} none | none {DIVIDE} variant |",
@@ -186,6 +254,7 @@ def budget_sentence(counts: dict[str, float]) -> str:
 
 def figures(counts: dict[str, float]) -> list[report.Figure]:
     """The summary figures: each instrumented variant's worker instructions per request against ``none``."""
+    counts = _load_variants(counts)
     base = counts[BASELINE]
     return [
         report.Figure(
@@ -199,6 +268,39 @@ def figures(counts: dict[str, float]) -> list[report.Figure]:
         for name, count in counts.items()
         if name != BASELINE
     ]
+
+
+def render_parts(counts: dict[str, float]) -> list[str]:
+    """The lines pricing each part of spyglass counted in ``counts`` (none if no part was counted).
+
+    A part's cost is spyglass's count minus the count with the part switched off; its share is of
+    what spyglass adds to ``none``. The parts overlap (the access line's export is also the log
+    export), so their costs do not add up to the whole.
+    """
+    measured = [part for part in PARTS if part_variant(part) in counts]
+    if not measured or PARTED not in counts:
+        return []
+    whole, base = counts[PARTED], counts[BASELINE]
+    added = whole - base
+    lines = [
+        "## What each part costs",
+        "",
+        f"spyglass's worker counted again with one part switched off by its setting: the part's cost is "
+        f"spyglass's count ({whole:,.0f}) minus that count, and its share is of the +{added:,.0f} spyglass "
+        "adds to none. Parts overlap (the access line includes its export), so the shares do not add up.",
+        "",
+        "| Part | Switched off by | Worker instructions/request without it | The part's cost | "
+        "Share of spyglass's addition |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for part in measured:
+        count = counts[part_variant(part)]
+        cost = whole - count
+        share = f"{cost / added:.0%}" if added > 0 else DASH
+        lines.append(
+            f"| {part}: {PARTS[part].description} | {PARTS[part].setting} | {count:,.0f} | {cost:+,.0f} | {share} |"
+        )
+    return [*lines, ""]
 
 
 def render_section(counts: dict[str, float], small: int, large: int, warmup: int) -> str:
@@ -217,8 +319,9 @@ def render_section(counts: dict[str, float], small: int, large: int, warmup: int
             "",
             render_table(counts),
             "",
-            budget_sentence(counts),
+            budget_sentence(_load_variants(counts)),
             "",
+            *render_parts(counts),
             "## Machine",
             "",
             *report.machine_lines(http_load.PACKAGES, ["- valgrind: callgrind, every thread of the worker"]),
@@ -232,8 +335,9 @@ def render_section(counts: dict[str, float], small: int, large: int, warmup: int
             "command, environment and OTLP sink) but with `--workers 1` under valgrind; a sequential client "
             "sends the requests, the server is stopped gracefully so that the worker exports what it still "
             "holds, and all of the worker's threads are counted (span and log export included; the master, "
-            "which only serves `/metrics`, is not). Under valgrind a worker serves tens of requests per "
-            "second, so the timers that send batches are set long (`OTEL_BSP_SCHEDULE_DELAY`, "
+            "which only serves `/metrics`, is not). A part's count runs spyglass's variant with the part's "
+            "setting added to its environment, and nothing else changed. Under valgrind a worker serves tens "
+            "of requests per second, so the timers that send batches are set long (`OTEL_BSP_SCHEDULE_DELAY`, "
             "`OTEL_BLRP_SCHEDULE_DELAY` and `OTEL_METRIC_EXPORT_INTERVAL` to ten minutes, "
             "`SPYGLASS_LOG_FLUSH_INTERVAL` to its maximum, one minute): "
             f"batches leave full, as they do under load, and the two runs differ by whole batches of {BATCH_SIZE}. "
@@ -258,14 +362,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(http_load.DESCRIPTIONS),
         help="variants to count (none is always counted)",
     )
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        choices=list(PARTS),
+        default=list(PARTS),
+        help="parts of spyglass to price by counting it without each (default all; none with no name)",
+    )
     report.add_section_options(parser)
     args = parser.parse_args(argv)
     if args.small < 1 or args.large <= args.small or args.warmup < 0:
         parser.error("use 1 <= --small < --large and --warmup >= 0")
     variants = [BASELINE, *(name for name in args.variants if name != BASELINE)]
+    if PARTED in variants:
+        variants += [part_variant(part) for part in args.parts]
 
     def progress(name: str, count: float) -> None:
-        print(f"{name:<26} {count:12,.0f} instructions/request", file=sys.stderr, flush=True)
+        print(f"{name:<40} {count:12,.0f} instructions/request", file=sys.stderr, flush=True)
 
     try:
         with http_load.sink_process() as sink:

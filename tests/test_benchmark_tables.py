@@ -58,3 +58,37 @@ def test_the_load_table_shows_the_per_repetition_ratio_beside_the_ratio_of_media
     assert row[header.index("\u00d7 none (of medians)")] == "0.85"
     assert row[header.index("\u00d7 none per repetition: median (min\u2013max)")] == "0.90 (0.85\u20130.90)"
     assert _row(table, "none")[header.index("\u00d7 none per repetition: median (min\u2013max)")] == "\u2013"
+
+
+def test_worker_instructions_price_each_part_as_spyglass_minus_spyglass_without_it() -> None:
+    """A part costs spyglass's count minus its count with the part's setting off, and a share of what spyglass adds.
+
+    The parts' counts are priced in their own table: the variants table and the summary figures
+    keep the load benchmark's variants only.
+    """
+    from benchmarks import worker_instructions as wi
+
+    counts = {
+        "none": 900_000.0,
+        "spyglass": 1_100_000.0,
+        wi.part_variant("log export"): 1_060_000.0,
+        wi.part_variant("traceresponse header"): 1_090_000.0,
+    }
+    section = wi.render_section(counts, small=512, large=1536, warmup=200)
+    log_row = _row(section, "log export: " + wi.PARTS["log export"].description)
+    assert log_row[1:] == ["`OTEL_LOGS_EXPORTER=none`", "1,060,000", "+40,000", "20%"]
+    header_row = _row(section, "traceresponse header: " + wi.PARTS["traceresponse header"].description)
+    assert header_row[1:] == ["`SPYGLASS_TRACERESPONSE=false`", "1,090,000", "+10,000", "5%"]
+    assert "span export" not in section.split("## What each part costs")[1].split("## Machine")[0]
+    variants_table = wi.render_table(counts)
+    assert [line.split("|")[1].strip() for line in variants_table.splitlines()[2:]] == ["none", "spyglass"]
+    assert [figure.measure for figure in wi.figures(counts)] == ["instructions/request, spyglass"]
+
+
+def test_worker_instructions_without_parts_have_no_parts_table() -> None:
+    """Counting no part (or not counting spyglass) leaves the section without the parts table."""
+    from benchmarks import worker_instructions as wi
+
+    assert wi.render_parts({"none": 900_000.0, "spyglass": 1_100_000.0}) == []
+    section = wi.render_section({"none": 900_000.0, "floor": 1_400_000.0}, small=512, large=1536, warmup=200)
+    assert "What each part costs" not in section

@@ -134,18 +134,37 @@ def test_worker_instructions_count_what_spyglass_adds_to_a_gunicorn_worker_per_r
     The baseline's worker runs gunicorn and Flask only, so spyglass's (a span, metrics, an access
     line, and their export on the worker's own threads) executes more per request; the summary
     figure is spyglass's count against the baseline's, and the section states the instruction
-    budget that keeping 0.85 of the throughput would allow.
+    budget that keeping 0.85 of the throughput would allow. A part named with ``--parts`` is priced
+    by counting spyglass again with its setting off.
     """
     figures_path = tmp_path / "http-instructions.json"
     completed = run_benchmark(
         "worker_instructions",
-        ["--variants", "spyglass", "--small", "10", "--large", "30", "--warmup", "5"],
+        [
+            "--variants",
+            "spyglass",
+            "--parts",
+            "traceresponse header",
+            "--small",
+            "10",
+            "--large",
+            "30",
+            "--warmup",
+            "5",
+        ],
         figures_path,
         timeout_s=600,
     )
     rows = dict(re.findall(r"^\| (none|spyglass) \| ([\d,]+) \|", completed.stdout, re.MULTILINE))
     none, spyglass = (float(rows[name].replace(",", "")) for name in ("none", "spyglass"))
     assert 100_000 < none < spyglass, rows  # a Flask request through gunicorn is hundreds of thousands
+    (part,) = re.findall(
+        r"^\| traceresponse header: .* \| `SPYGLASS_TRACERESPONSE=false` \| ([\d,]+) \| ([+-][\d,]+) \|",
+        completed.stdout,
+        re.MULTILINE,
+    )
+    without, cost = (float(value.replace(",", "")) for value in part)
+    assert none < without and cost == spyglass - without  # the counts are whole, so the difference is exact
     assert "keeping 0.85 of none's throughput would allow at most" in completed.stdout
     (figure,) = report.read_figures(figures_path)
     assert figure.measure == "instructions/request, spyglass" and figure.against == "none"
