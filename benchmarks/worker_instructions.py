@@ -85,6 +85,9 @@ TIMES = "\u00d7"
 DIVIDE = "\u00f7"
 NOISE = "under 1% (valgrind)"
 """Run-to-run variation of the counts (four full runs differed by 0.2 to 0.8 % per variant)."""
+PART_COUNT_SPREAD = 7_000
+"""How far counts of one variant differ with the fixed hash seed (2026-11-24: spyglass 1,083.1k, 1,085.0k and
+1,088.0k; with its log export off 1,058.4k, 1,060.9k and 1,065.0k)."""
 PARTED = "spyglass"
 """The variant whose parts are counted one at a time."""
 
@@ -293,7 +296,10 @@ def render_parts(counts: dict[str, float]) -> list[str]:
         "",
         f"spyglass's worker counted again with one part switched off by its setting: the part's cost is "
         f"spyglass's count ({whole:,.0f}) minus that count, and its share is of the +{added:,.0f} spyglass "
-        "adds to none. Parts overlap (the access line includes its export), so the shares do not add up.",
+        "adds to none. Parts overlap (the access line includes its export), so the shares do not add up. "
+        f"Counts of one variant differ by up to {PART_COUNT_SPREAD // 1000}k instructions per request from run "
+        "to run (batches leave at the moments the export threads wake), so a part's cost is good to about "
+        f"{PART_COUNT_SPREAD // 1000}k either way.",
         "",
         "| Part | Switched off by | Worker instructions/request without it | The part's cost | "
         "Share of spyglass's addition |",
