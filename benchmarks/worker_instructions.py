@@ -74,8 +74,8 @@ BATCHING_ENVIRONMENT = {
 }
 """Batches leave when full, as under load, not on a timer that fires every few requests under valgrind."""
 HASH_SEED_ENVIRONMENT = {"PYTHONHASHSEED": "0"}
-"""Every count with the same string hashes, so the same dict and set layouts: two counts of spyglass's worker
-with random seeds differed by up to 10k instructions per request, with this seed by 3k (2026-11-24)."""
+"""Every count with the same string hashes, so the same dict and set layouts: counts of spyglass's worker with
+random seeds differed by up to 10k instructions per request, four with this seed by 6k (2026-11-24)."""
 _TOTALS = re.compile(r"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 _READY_TIMEOUT_S = 300.0
 _STOP_TIMEOUT_S = 300.0
@@ -86,8 +86,8 @@ DIVIDE = "\u00f7"
 NOISE = "under 1% (valgrind)"
 """Run-to-run variation of the counts (four full runs differed by 0.2 to 0.8 % per variant)."""
 PART_COUNT_SPREAD = 7_000
-"""How far counts of one variant differ with the fixed hash seed (2026-11-24: spyglass 1,083.1k, 1,085.0k and
-1,088.0k; with its log export off 1,058.4k, 1,060.9k and 1,065.0k)."""
+"""How far counts of one variant differ with the fixed hash seed (2026-11-24: spyglass 1,082.0k, 1,083.1k,
+1,085.0k and 1,088.0k; with its log export off 1,058.4k, 1,060.9k, 1,063.9k and 1,065.0k)."""
 PARTED = "spyglass"
 """The variant whose parts are counted one at a time."""
 
