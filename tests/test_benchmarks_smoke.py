@@ -164,7 +164,8 @@ def test_worker_instructions_count_what_spyglass_adds_to_a_gunicorn_worker_per_r
         re.MULTILINE,
     )
     without, cost = (float(value.replace(",", "")) for value in part)
-    assert none < without and cost == spyglass - without  # the counts are whole, so the difference is exact
+    assert none < without
+    assert abs(cost - (spyglass - without)) <= 1  # each figure is rounded to a whole instruction on its own
     assert "keeping 0.85 of none's throughput would allow at most" in completed.stdout
     (figure,) = report.read_figures(figures_path)
     assert figure.measure == "instructions/request, spyglass" and figure.against == "none"
