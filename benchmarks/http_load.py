@@ -60,6 +60,7 @@ from benchmarks.celery_processes import BenchmarkError, free_port, wait_until
 __all__ = [
     "DESCRIPTIONS",
     "Run",
+    "ServerCpu",
     "VariantResult",
     "answers",
     "get",
@@ -116,6 +117,7 @@ class Run:
     p99_ms: float
     errors: int
     server_cpu_us: float
+    request_thread_cpu_us: float
     spans: int | None
     counted: float | None
 
@@ -331,16 +333,34 @@ def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
         process.wait(timeout=10)
 
 
-def server_cpu_seconds(server: Server) -> float:
-    """CPU seconds (user + system) used so far by the master and its live workers."""
-    total = 0.0
+@dataclass(frozen=True)
+class ServerCpu:
+    """CPU seconds (user + system) a gunicorn server has used so far, and the part its request threads used."""
+
+    total: float
+    """The master and every worker, all their threads (exited threads included)."""
+    request_threads: float
+    """The main thread of each live worker: a sync worker serves its requests there, and nothing else runs on it."""
+
+    def __sub__(self, earlier: ServerCpu) -> ServerCpu:
+        return ServerCpu(self.total - earlier.total, self.request_threads - earlier.request_threads)
+
+
+def server_cpu_seconds(server: Server) -> ServerCpu:
+    """CPU used so far by the master and its live workers, with the workers' main threads apart."""
+    total = request_threads = 0.0
     with contextlib.suppress(psutil.NoSuchProcess):
         master = psutil.Process(server.process.pid)
         for process in [master, *master.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 times = process.cpu_times()
                 total += times.user + times.system
-    return total
+                if process.pid == master.pid:
+                    continue
+                for thread in process.threads():
+                    if thread.id == process.pid:
+                        request_threads += thread.user_time + thread.system_time
+    return ServerCpu(total, request_threads)
 
 
 def run_wrk(port: int, seconds: float, connections: int) -> dict[str, int]:
@@ -415,7 +435,8 @@ def measure_variant(name: str, sink: str, warmup: float, duration: float, connec
         p50_ms=result["p50_us"] / 1e3,
         p99_ms=result["p99_us"] / 1e3,
         errors=errors,
-        server_cpu_us=cpu_used / max(requests, 1) * 1e6,
+        server_cpu_us=cpu_used.total / max(requests, 1) * 1e6,
+        request_thread_cpu_us=cpu_used.request_threads / max(requests, 1) * 1e6,
         spans=spans,
         counted=counted,
     )
@@ -433,7 +454,8 @@ def run_benchmark(
                 results[name].runs.append(run)
                 print(
                     f"rep {repetition} {name:<26} {run.throughput:8.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
-                    f"p99 {run.p99_ms:6.2f} ms  server CPU {run.server_cpu_us:6.0f} µs/req  errors {run.errors}",
+                    f"p99 {run.p99_ms:6.2f} ms  server CPU {run.server_cpu_us:6.0f} µs/req "
+                    f"(request threads {run.request_thread_cpu_us:4.0f})  errors {run.errors}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -455,12 +477,13 @@ def render_table(results: Sequence[VariantResult]) -> str:
     lines = [
         f"| Variant | Requests/s: median (min{DASH}max) | {TIMES} none (of medians) "
         f"| {TIMES} none per repetition: median (min{DASH}max) | Noise | p50 ms | p99 ms "
-        f"| Server CPU µs/req | {TIMES} none | Errors | Telemetry received |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| Server CPU µs/req | {TIMES} none | On request threads µs/req | Errors | Telemetry received |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for result in results:
         throughput = result.values("throughput")
         cpu = result.median("server_cpu_us")
+        on_request_threads = result.median("request_thread_cpu_us")
         paired = (
             DASH if result is base else report.ratio_spread(report.paired_ratios(throughput, base.values("throughput")))
         )
@@ -470,6 +493,7 @@ def render_table(results: Sequence[VariantResult]) -> str:
             f"| {result.median('throughput') / base.median('throughput'):.2f} | {paired} | {report.noise(throughput)} "
             f"| {result.median('p50_ms'):.2f} | {result.median('p99_ms'):.2f} "
             f"| {cpu:,.0f} | {cpu / base.median('server_cpu_us'):.2f} "
+            f"| {on_request_threads:,.0f} ({on_request_threads / cpu:.0%}) "
             f"| {sum(result.values('errors')):,.0f} | {_telemetry_cell(result)} |"
         )
     return "\n".join(lines)
@@ -554,7 +578,11 @@ def render_section(
             "from the closed loop at that concurrency: it includes waiting in gunicorn's accept queue. "
             "*Server CPU* is the user and system CPU time of gunicorn's master and workers during the timed "
             "phase (read from the kernel), per request: what the instrumentation costs whatever the CPU "
-            "count. Traces go over OTLP/HTTP (protobuf) to `benchmarks/otlp_sink.py`, a separate process "
+            "count. *On request threads* is the part of it spent on the workers' main threads, where "
+            "gunicorn's sync workers serve requests (with its share of the server CPU): what adds to a "
+            "request's latency; the rest is the master and the threads an instrumentation runs beside "
+            "them (exporting spans and log lines, flushing the access log), off the request's path. "
+            "Traces go over OTLP/HTTP (protobuf) to `benchmarks/otlp_sink.py`, a separate process "
             "that decodes and counts the spans, so export is paid for as in production; after each run "
             "the server is stopped gracefully (its exporters flush) and the spans received are compared "
             "with the requests served, and the variants with a Prometheus endpoint are scraped once for the "

@@ -21,6 +21,7 @@ def _run(requests_per_s: float) -> http_load.Run:
         p99_ms=2.0,
         errors=0,
         server_cpu_us=250.0,
+        request_thread_cpu_us=200.0,
         spans=None,
         counted=None,
     )
@@ -92,3 +93,22 @@ def test_worker_instructions_without_parts_have_no_parts_table() -> None:
     assert wi.render_parts({"none": 900_000.0, "spyglass": 1_100_000.0}) == []
     section = wi.render_section({"none": 900_000.0, "floor": 1_400_000.0}, small=512, large=1536, warmup=200)
     assert "What each part costs" not in section
+
+
+def test_the_load_table_shows_how_much_of_the_server_cpu_the_request_threads_used() -> None:
+    """Beside the server's CPU per request, the part its workers' request threads used, and its share.
+
+    The rest ran off the request's path (the master, export threads): 200 of 250 µs is 80 %.
+    """
+    none = http_load.VariantResult("none", [_run(7000)])
+    table = http_load.render_table([none])
+    header = _row(table, "Variant")
+    row = _row(table, "none")
+    assert row[header.index("Server CPU \u00b5s/req")] == "250"
+    assert row[header.index("On request threads \u00b5s/req")] == "200 (80%)"
+
+
+def test_server_cpu_readings_subtract_part_by_part() -> None:
+    """The CPU of a timed phase is the reading after it minus the reading before, total and request threads alike."""
+    used = http_load.ServerCpu(total=5.0, request_threads=4.0) - http_load.ServerCpu(total=2.0, request_threads=1.5)
+    assert used == http_load.ServerCpu(total=3.0, request_threads=2.5)

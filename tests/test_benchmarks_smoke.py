@@ -6,6 +6,7 @@ docs/performance.md is left alone, and ``--figures`` into a temporary directory.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -119,6 +120,10 @@ def test_http_load_serves_under_wrk_and_every_request_reaches_the_backends() -> 
         assert run.requests > 100, (name, run.requests)
         assert 0 < run.p50_ms <= run.p99_ms, name
         assert run.server_cpu_us > 0, name
+        # Both are read in clock ticks (per thread, per process), so the part may exceed the total by a
+        # tick per worker and kind of time (user, system): 2 workers, 4 ticks.
+        tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+        assert 0 < run.request_thread_cpu_us <= run.server_cpu_us + 4 * tick_us / run.requests, name
     # wrk does not count the responses in flight when it stops: at most one per connection, twice
     # (the warm-up and the timed phase).
     spyglass, exporter = runs["spyglass"], runs["prometheus-flask-exporter"]
