@@ -340,7 +340,7 @@ class ServerCpu:
     total: float
     """The master and every worker, all their threads (exited threads included)."""
     request_threads: float
-    """The main thread of each live worker: a sync worker serves its requests there, and nothing else runs on it."""
+    """The main thread of each live worker, where a sync worker accepts, parses and serves its requests."""
 
     def __sub__(self, earlier: ServerCpu) -> ServerCpu:
         return ServerCpu(self.total - earlier.total, self.request_threads - earlier.request_threads)
@@ -579,9 +579,10 @@ def render_section(
             "*Server CPU* is the user and system CPU time of gunicorn's master and workers during the timed "
             "phase (read from the kernel), per request: what the instrumentation costs whatever the CPU "
             "count. *On request threads* is the part of it spent on the workers' main threads, where "
-            "gunicorn's sync workers serve requests (with its share of the server CPU): what adds to a "
-            "request's latency; the rest is the master and the threads an instrumentation runs beside "
-            "them (exporting spans and log lines, flushing the access log), off the request's path. "
+            "gunicorn's sync workers accept, parse and serve requests (in brackets, its share of the "
+            "server CPU): what adds to a request's latency. The rest is the master and the threads an "
+            "instrumentation runs beside them (exporting spans and log lines, flushing the access log), "
+            "off the request's path. "
             "Traces go over OTLP/HTTP (protobuf) to `benchmarks/otlp_sink.py`, a separate process "
             "that decodes and counts the spans, so export is paid for as in production; after each run "
             "the server is stopped gracefully (its exporters flush) and the spans received are compared "
