@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -230,6 +232,26 @@ def test_access_lines_of_hostile_paths_are_single_valid_json_objects(instrumente
         assert isinstance(record["http.response.status_code"], int)
     assert access[-1]["request_id"] == "r-1"
     assert access[-1]["http.route"] == "/orders/<int:order_id>"
+
+
+def test_an_access_line_written_later_keeps_the_time_and_place_of_its_request(instrumented, capfd) -> None:
+    """The access line is rendered when its batch is written, yet its timestamp is when the request
+    ended and it follows the lines the request logged.
+    """
+    app, _ = instrumented(SPYGLASS_LOG_FLUSH_INTERVAL="30")
+    client = app.test_client()
+    output(capfd)  # what setting up logged
+    before = datetime.datetime.now(datetime.UTC)
+    client.get("/orders/5")
+    after = datetime.datetime.now(datetime.UTC)
+    time.sleep(0.3)
+    assert capfd.readouterr().out == ""  # still pending
+    records = [json.loads(line) for line in output(capfd).splitlines() if line.strip()]
+    assert [record["event"] for record in records] == ["order read", "request"]
+    logged = datetime.datetime.fromisoformat(records[1]["timestamp"])
+    assert before - datetime.timedelta(microseconds=1) <= logged <= after
+    assert records[1]["http.route"] == "/orders/<int:order_id>"
+    assert records[1]["trace_id"] == records[0]["trace_id"]
 
 
 def test_console_format_escapes_control_characters(instrumented, capfd) -> None:

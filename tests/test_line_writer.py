@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 from spyglass.line_writer import LineWriter
@@ -101,3 +102,85 @@ def test_a_closed_stdout_never_raises_into_the_application() -> None:
         assert writer.dropped_lines == 1
     finally:
         os.close(write_end)
+
+
+def _render_on_thread(threads: list[int]):
+    """A renderer of ``(renderer, text)`` lines that notes the thread it ran on."""
+
+    def render(line: tuple) -> bytes:
+        threads.append(threading.get_ident())
+        return line[1].encode() + b"\n"
+
+    return render
+
+
+def test_unrendered_lines_are_rendered_by_the_background_thread_in_their_place(tmp_path) -> None:
+    """A line given unrendered is rendered off the thread that logged it, and written between the
+    lines given before and after it.
+    """
+    path = tmp_path / "out.log"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    threads: list[int] = []
+    try:
+        writer = LineWriter(descriptor, max_delay=0.05)
+        writer.write(b"first\n")
+        writer.write_later((_render_on_thread(threads), "second"))
+        writer.write(b"third\n")
+        deadline = time.monotonic() + 2
+        while path.read_bytes().count(b"\n") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert path.read_bytes() == b"first\nsecond\nthird\n"
+        assert len(threads) == 1 and threads[0] != threading.get_ident()
+        writer.close()
+    finally:
+        os.close(descriptor)
+
+
+def test_unrendered_lines_are_rendered_when_flushed_handed_over_or_too_many(tmp_path) -> None:
+    """A flush renders what is pending; the lines handed to a replacing writer are rendered bytes;
+    and 1,024 unrendered lines are written by the thread that adds the last one, without waiting.
+    """
+    path = tmp_path / "out.log"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    threads: list[int] = []
+    render = _render_on_thread(threads)
+    try:
+        writer = LineWriter(descriptor, max_delay=60)
+        writer.write_later((render, "flushed"))
+        writer.flush()
+        assert path.read_bytes() == b"flushed\n"
+        writer.write_later((render, "handed over"))
+        assert writer.take_pending() == [b"handed over\n"]
+        for index in range(1023):
+            writer.write_later((render, f"line {index}"))
+        assert path.read_bytes() == b"flushed\n"  # held: neither rendered nor written yet
+        writer.write_later((render, "line 1023"))
+        assert path.read_bytes().count(b"\n") == 1 + 1024
+        writer.close()
+        writer.write_later((render, "after close"))  # no background thread left: written at once
+        assert path.read_bytes().endswith(b"line 1023\nafter close\n")
+    finally:
+        os.close(descriptor)
+
+
+def test_a_renderer_that_fails_loses_only_its_own_line(tmp_path) -> None:
+    """A renderer that raises costs neither the application nor the batch's other lines; the lost
+    line is counted as dropped.
+    """
+
+    def broken(line: tuple) -> bytes:
+        raise ValueError("renderer bug")
+
+    path = tmp_path / "out.log"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        writer = LineWriter(descriptor, max_delay=60)
+        writer.write(b"before\n")
+        writer.write_later((broken, "lost"))
+        writer.write(b"after\n")
+        writer.flush()
+        assert path.read_bytes() == b"before\nafter\n"
+        assert writer.dropped_lines == 1
+        writer.close()
+    finally:
+        os.close(descriptor)

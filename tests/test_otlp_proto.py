@@ -8,6 +8,7 @@ from the same data, for every kind of attribute value, parent, event, link and s
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from enum import StrEnum
 from http import HTTPStatus
@@ -33,6 +34,7 @@ from opentelemetry.trace import (
 )
 
 from spyglass.light_span import LightSpan, LightSpanStarter
+from spyglass.line_writer import LineWriter
 from spyglass.log_export import line_to_log_record
 from spyglass.otlp_json import encode_spans_json
 from spyglass.otlp_proto import encode_log_lines_request, encode_spans_request
@@ -302,12 +304,8 @@ def access_lines(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     from spyglass.config import load_settings
 
     written: list[bytes] = []
-
-    class _Keep:
-        def write(self, line: bytes) -> None:
-            written.append(line)
-
-    monkeypatch.setattr(logs, "_writer", _Keep())
+    writer = _keeping_writer(written)
+    monkeypatch.setattr(logs, "_writer", writer)
     monkeypatch.setattr(logs, "_exporters", [object()])
     access = logs.AccessLog(load_settings({"OTEL_SERVICE_NAME": "shop"}))
     access.http_request(
@@ -319,7 +317,16 @@ def access_lines(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
         "GET", "/search", '/search/"quoted"', 200, 0.002, "8d7c6f20b4a453441b1543b77e081b9e", "af7f6d66e8f5a2e1"
     )
     access.http_request("GET", "/files/<path:name>", "/files/" + "a" * 200, 200, 0.003, "", "")  # past 127 bytes
+    writer.close()
     return written
+
+
+def _keeping_writer(written: list[bytes]) -> LineWriter:
+    """A line writer to /dev/null that hands every batch it writes, as written, to ``written``."""
+    descriptor = os.open(os.devnull, os.O_WRONLY)
+    writer = LineWriter(descriptor, max_delay=60, tee=written.extend)
+    weakref.finalize(writer, os.close, descriptor)
+    return writer
 
 
 def test_access_lines_carry_their_fields_and_encode_as_their_parsed_bytes(access_lines: list[bytes]) -> None:
@@ -389,7 +396,8 @@ def test_access_lines_with_paths_near_the_one_piece_limit_encode_as_their_parsed
     from spyglass.log_export import AccessLine
 
     written: list[bytes] = []
-    monkeypatch.setattr(logs, "_writer", type("Keep", (), {"write": lambda self, line: written.append(line)})())
+    writer = _keeping_writer(written)
+    monkeypatch.setattr(logs, "_writer", writer)
     monkeypatch.setattr(logs, "_exporters", [object()])
     access = logs.AccessLog(load_settings({"OTEL_SERVICE_NAME": "shop"}))
     for length in range(108, 120):
@@ -403,6 +411,7 @@ def test_access_lines_with_paths_near_the_one_piece_limit_encode_as_their_parsed
             trace_id,
             span_id,
         )
+    writer.close()
     assert all(type(line) is AccessLine for line in written)
     resource = Resource.create({"service.name": "shop"})
     from_fields = ExportLogsServiceRequest.FromString(encode_log_lines_request(written, resource))

@@ -39,7 +39,7 @@ import structlog
 
 from spyglass.config import Settings
 from spyglass.context_access import current_span
-from spyglass.line_writer import LineWriter
+from spyglass.line_writer import LineWriter, UnrenderedLine
 from spyglass.log_export import AccessFields, AccessLine, LogLineExporter, LogPipelineCounters, build_log_exporter
 from spyglass.process_hooks import call_at_exit
 from spyglass.redaction import Redactor, escape_control_characters, escape_json_line_breaks
@@ -527,7 +527,12 @@ def _utc_timestamp() -> str:
 
 def _utc_now() -> tuple[str, int]:
     """Now as :func:`_utc_timestamp` writes it, and as the nanoseconds since the epoch that text says."""
-    micros = time.time_ns() // 1000
+    return _utc_text(time.time_ns())
+
+
+def _utc_text(epoch_ns: int) -> tuple[str, int]:
+    """``epoch_ns`` as :func:`_utc_timestamp` writes it, and as the nanoseconds since the epoch that text says."""
+    micros = epoch_ns // 1000
     second, fraction = divmod(micros, 1_000_000)
     prefix = _SECOND_PREFIXES.get(second)
     if prefix is None:
@@ -580,15 +585,23 @@ class AccessLog:
         if bound:
             writer.write(self._line_with_context(bound, method, route, path, status, seconds, trace_id, span_id, error))
             return
-        # The common case, rendered from a template: method and route come from small fixed
-        # sets (their JSON is cached) and only the path, which a client chooses, may need escaping.
+        # The common case: the writer renders the line later, with the rest of its batch.
+        writer.write_later((self._render, method, route, path, status, seconds, trace_id, span_id, time.time_ns()))
+
+    def _render(self, line: UnrenderedLine) -> bytes:
+        """An access line from its values (see :meth:`http_request`), rendered from a template.
+
+        Method and route come from small fixed sets (their JSON is cached) and only the path,
+        which a client chooses, may need escaping.
+        """
+        _, method, route, path, status, seconds, trace_id, span_id, now_ns = line
         ids = f',"trace_id":"{trace_id}","span_id":"{span_id}"' if trace_id else ""
         plain_path = not _NEEDS_ESCAPE(path)
         path_json = '"' + path + '"' if plain_path else _json_string(path)
-        level = "error" if error else "info"
+        level = "error" if status >= 500 else "info"
         duration = f"{seconds:.6f}"
-        timestamp, timestamp_ns = _utc_now()
-        line = (
+        timestamp, timestamp_ns = _utc_text(now_ns)
+        text = (
             f'{{"event":"request","level":"{level}","logger":"spyglass.access",'
             f'"http.request.method":{self._json(method)},"http.route":{self._json(route)},'
             f'"url.path":{path_json},'
@@ -596,15 +609,14 @@ class AccessLog:
             f'"timestamp":"{timestamp}","service.name":{self._service_json}{ids}}}\n'
         )
         if not (plain_path and _exporters):
-            writer.write(line.encode("utf-8", "backslashreplace"))
-            return
+            return text.encode("utf-8", "backslashreplace")
         # Exported lines carry their fields: the exporter need not parse them back.
-        access = AccessLine(line.encode("utf-8", "backslashreplace"))
+        access = AccessLine(text.encode("utf-8", "backslashreplace"))
         # tuple.__new__ builds the named tuple without its Python-level constructor.
         access.fields = _new_tuple(
             AccessFields, (level, method, route, path, status, duration, timestamp_ns, trace_id, span_id)
         )
-        writer.write(access)
+        return access
 
     def _json(self, value: str) -> str:
         encoded = self._json_cache.get(value)
