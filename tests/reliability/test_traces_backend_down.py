@@ -29,6 +29,11 @@ WARM_UP = 14_000
 MEMORY_SAMPLE_EVERY = 2_000
 P99_TOLERANCE = 1.10
 """The promise: p99 latency with the backend down is within 10 % of the healthy run's."""
+P99_BLOCKS = 5
+"""The measured run is compared in this many consecutive blocks (4,000 requests each), and the
+median of the blocks' p99 ratios is held to the promise: a burst of host noise (a few ms of
+another process on the CPU) falls into one block and can no longer decide the comparison alone,
+while a degraded server that is slower throughout is slower in every block."""
 MEMORY_GROWTH_LIMIT_MB = 6.0
 """How much the degraded server's memory may grow over the second half of the measured run.
 
@@ -60,8 +65,18 @@ class Run:
     latencies: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
 
-    def p99(self) -> float:
-        return statistics.quantiles(self.latencies, n=100)[-1]
+    def p99(self, start: int = 0, stop: int | None = None) -> float:
+        """p99 latency of the requests ``start:stop`` of the measured run (all of them by default)."""
+        return statistics.quantiles(self.latencies[start:stop], n=100)[-1]
+
+
+def block_p99_ratios(healthy: Run, degraded: Run) -> list[float]:
+    """The degraded run's p99 over the healthy run's, block by block (:data:`P99_BLOCKS` blocks)."""
+    size = len(healthy.latencies) // P99_BLOCKS
+    return [
+        degraded.p99(start, start + size) / healthy.p99(start, start + size)
+        for start in range(0, size * P99_BLOCKS, size)
+    ]
 
 
 def get(port: int, path: str) -> tuple[int, dict[str, str]]:
@@ -83,12 +98,15 @@ def tree_rss_mb(server: Gunicorn) -> float:
 
 
 def alternate(runs: list[Run], count: int, record: bool) -> None:
-    """Send ``count`` requests to each server in turn; when recording, time each and sample memory."""
+    """Send ``count`` requests to each server in turn; when recording, time each and sample memory.
+
+    Which server goes first alternates too, so neither always follows the other's request.
+    """
     if record:
         for run in runs:
             run.rss_mb.append(tree_rss_mb(run.server))
     for index in range(count):
-        for run in runs:
+        for run in runs if index % 2 == 0 else runs[::-1]:
             started = time.perf_counter()
             status, _ = get(run.server.app_port, f"/items/{index + 1}")
             elapsed = time.perf_counter() - started
@@ -141,9 +159,9 @@ def start_exporting_server(tmp: Path, port: int) -> Gunicorn:
 def test_a_traces_backend_that_is_down_costs_no_latency_no_memory_and_export_resumes(
     tmp_path: Path, outage: str
 ) -> None:
-    """With the OTLP backend refusing or hanging, 20,000 requests keep the healthy run's p99 (within 10 %)
-    and its memory stays bounded; the lost spans are counted, and export resumes by itself when the
-    backend comes back on the same address.
+    """With the OTLP backend refusing or hanging, 20,000 requests keep the healthy run's p99 (within 10 %,
+    the median over five blocks of 4,000) and its memory stays bounded; the lost spans are counted, and
+    export resumes by itself when the backend comes back on the same address.
     """
     receiver = OtlpReceiver(keep=False)
     down_port = free_port()  # nothing listens there: connections are refused
@@ -185,18 +203,20 @@ def test_a_traces_backend_that_is_down_costs_no_latency_no_memory_and_export_res
             comeback.close()
     assert degraded.server.process.returncode == 0, "gunicorn did not stop cleanly after the outage"
 
-    ratio = degraded.p99() / healthy.p99()
+    ratios = block_p99_ratios(healthy, degraded)
+    ratio = statistics.median(ratios)
     growth = max(degraded.rss_mb) - degraded.rss_mb[len(degraded.rss_mb) // 2]
     excess = degraded.rss_mb[-1] - healthy.rss_mb[-1]
     print(
         f"\n{outage}: p99 healthy {healthy.p99() * 1e3:.2f} ms, down {degraded.p99() * 1e3:.2f} ms "
-        f"(ratio {ratio:.3f}); median {statistics.median(healthy.latencies) * 1e3:.2f} -> "
+        f"(ratio {degraded.p99() / healthy.p99():.3f}; per block {', '.join(f'{r:.3f}' for r in ratios)}, "
+        f"median {ratio:.3f}); median {statistics.median(healthy.latencies) * 1e3:.2f} -> "
         f"{statistics.median(degraded.latencies) * 1e3:.2f} ms; RSS {degraded.rss_mb[0]:.1f} -> "
         f"{degraded.rss_mb[-1]:.1f} MB (peak {max(degraded.rss_mb):.1f}) over {REQUESTS} requests "
         f"(second half +{growth:.1f} MB; healthy {healthy.rss_mb[0]:.1f} -> "
         f"{healthy.rss_mb[-1]:.1f}); dropped {dropped:.0f} spans; export resumed after {resumed_after:.1f} s"
     )
-    assert ratio <= P99_TOLERANCE, (healthy.p99(), degraded.p99())
+    assert ratio <= P99_TOLERANCE, (healthy.p99(), degraded.p99(), ratios)
     assert growth < MEMORY_GROWTH_LIMIT_MB, (degraded.rss_mb, healthy.rss_mb)
     assert excess < MEMORY_EXCESS_LIMIT_MB, (degraded.rss_mb, healthy.rss_mb)
 
