@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 import spyglass
 from spyglass import runtime
 from spyglass.config import load_settings
-from spyglass.logs import flush_logs
+from spyglass.logs import AccessLog, flush_logs
 from tests.conftest import finished_spans
 
 DURATION = "http_server_request_duration_seconds"
@@ -252,6 +253,49 @@ def test_an_access_line_written_later_keeps_the_time_and_place_of_its_request(in
     assert before - datetime.timedelta(microseconds=1) <= logged <= after
     assert records[1]["http.route"] == "/orders/<int:order_id>"
     assert records[1]["trace_id"] == records[0]["trace_id"]
+
+
+def test_an_access_line_shows_the_context_bound_during_its_request(instrumented, capfd, monkeypatch) -> None:
+    """Keys bound with structlog while a request ran are on its access line as they were then, even
+    once unbound: plain values are rendered later by the log writer's thread, an object at once.
+    """
+    rendering_threads: list[str] = []
+    render = AccessLog._render_with_context
+
+    def recording_render(self: AccessLog, line: tuple[object, ...]) -> bytes:
+        rendering_threads.append(threading.current_thread().name)
+        return render(self, line)
+
+    class Cart:
+        def __init__(self, content: str) -> None:
+            self.content = content
+
+        def __repr__(self) -> str:
+            return f"Cart({self.content})"
+
+    monkeypatch.setattr(AccessLog, "_render_with_context", recording_render)
+    app, _ = instrumented(SPYGLASS_LOG_FLUSH_INTERVAL="0.05")
+    client = app.test_client()
+    output(capfd)  # what setting up logged
+    cart = Cart("3 items")
+    try:
+        structlog.contextvars.bind_contextvars(request_id="r-1")
+        client.get("/orders/5")
+        structlog.contextvars.bind_contextvars(request_id="r-2", cart=cart)
+        client.get("/orders/6")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    cart.content = "empty"
+    seen = ""
+    deadline = time.monotonic() + 5
+    while seen.count('"event":"request"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        seen += capfd.readouterr().out
+    access = [json.loads(line) for line in seen.splitlines() if '"event":"request"' in line]
+    assert [(line["url.path"], line["request_id"]) for line in access] == [("/orders/5", "r-1"), ("/orders/6", "r-2")]
+    assert "cart" not in access[0] and access[1]["cart"] == "Cart(3 items)"
+    assert all(line["trace_id"] and line["level"] == "info" for line in access)
+    assert rendering_threads == ["spyglass-log-flush"]
 
 
 def test_console_format_escapes_control_characters(instrumented, capfd) -> None:

@@ -25,24 +25,24 @@ In the JSON format the lines can also be exported as OpenTelemetry log records
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import sys
 import time
 import traceback
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-import orjson
 import structlog
 
+from spyglass.bound_context import anything_bound, current_bound, merge_bound_context
 from spyglass.config import Settings
 from spyglass.context_access import current_span
+from spyglass.deferred_lines import DeferredLines, frozen_in_place
+from spyglass.json_lines import dumps, json_string, needs_escape, utc_text, utc_timestamp
 from spyglass.line_writer import LineWriter, UnrenderedLine
 from spyglass.log_export import AccessFields, AccessLine, LogLineExporter, LogPipelineCounters, build_log_exporter
 from spyglass.process_hooks import call_at_exit
-from spyglass.redaction import Redactor, escape_control_characters, escape_json_line_breaks
+from spyglass.redaction import Redactor, escape_control_characters
 
 __all__ = [
     "AccessLog",
@@ -88,9 +88,13 @@ class _LineLogger:
     def __init__(self, writer: LineWriter) -> None:
         self._writer = writer
 
-    def msg(self, message: bytes) -> None:
-        """Write one rendered line."""
-        (_writer or self._writer).write(message + b"\n")
+    def msg(self, message: bytes | UnrenderedLine) -> None:
+        """Write one rendered line, or queue one to render later (see :class:`_DeferOrRender`)."""
+        writer = _writer or self._writer
+        if type(message) is tuple:
+            writer.write_later(message)
+        else:
+            writer.write(message + b"\n")  # type: ignore[operator]
 
     log = debug = info = warn = warning = error = err = fatal = failure = exception = critical = msg
 
@@ -112,6 +116,10 @@ class _LineHandler(logging.Handler):
             self._writer.write(line + b"\n")
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        """Write the lines still pending (``logging.shutdown`` calls this at exit)."""
+        self._writer.flush()
 
 
 # Attributes every LogRecord has: anything else on a record came from ``extra=`` (as structlog's ExtraAdder sees it).
@@ -153,19 +161,38 @@ class _JsonRecordFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES:
                 event[key] = value
-        event = structlog.contextvars.merge_contextvars(None, method, event)
+        merge_bound_context(None, method, event)
         event["level"] = _LEVEL_NAMES.get(method, method)
-        event["timestamp"] = _utc_timestamp()
+        event["timestamp"] = utc_timestamp()
         event["service.name"] = self._service_name
         _add_trace_context(None, method, event)
-        event = _redact(self._redactor, event)
+        event = self._redactor.redact_event(event)
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(None, method, event)
             _redact_exception_text(self._redactor, event)
-        return _dumps(event)
+        return dumps(event)
 
-    def flush(self) -> None:
-        self._writer.flush()
+
+class _DeferOrRender:
+    """The structlog processor chain of the JSON lines, which defers a line's rendering when it can.
+
+    A line whose values cannot change is captured for the log writer's thread to render
+    (:class:`spyglass.deferred_lines.DeferredLines`); any other (an exception or stack to format,
+    an object among its values) goes through ``chain`` at once.
+    """
+
+    def __init__(self, deferred: DeferredLines, chain: list[Processor]) -> None:
+        self._deferred = deferred
+        self._chain = chain
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        if "exc_info" not in event_dict and "stack_info" not in event_dict and "exception" not in event_dict:
+            line = self._deferred.capture(event_dict, _LEVEL_NAMES.get(method, method), time.time_ns())  # type: ignore[arg-type]
+            if line is not None:
+                return (line,), {}
+        for processor in self._chain:
+            event_dict = processor(logger, method, event_dict)
+        return event_dict
 
 
 def _log_exporters(settings: Settings) -> list[LogLineExporter]:
@@ -230,17 +257,6 @@ def _service_name_adder(service_name: str) -> Processor:
     return add_service_name
 
 
-def _redact(redactor: Redactor, event_dict: Any) -> Any:
-    """Secret fields by key, and secrets in the free text of the ``event`` message."""
-    event_dict = redactor.redact_mapping(event_dict)
-    message = event_dict.get("event")
-    if type(message) is str:
-        redacted = redactor.redact_text(message)
-        if redacted is not message:
-            event_dict["event"] = redacted  # the chain's own dict: structlog copies the context per call
-    return event_dict
-
-
 def _redact_exception_text(redactor: Redactor, event_dict: MutableMapping[str, Any]) -> None:
     exception = event_dict.get("exception")
     if type(exception) is str:
@@ -249,7 +265,7 @@ def _redact_exception_text(redactor: Redactor, event_dict: MutableMapping[str, A
 
 def _redacting(redactor: Redactor) -> Processor:
     def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        return _redact(redactor, event_dict)  # type: ignore[no-any-return]
+        return redactor.redact_event(event_dict)  # type: ignore[arg-type]
 
     return redact
 
@@ -305,46 +321,17 @@ def _drop_werkzeug_access_lines(record: logging.LogRecord) -> bool:
     return not (isinstance(record.msg, str) and " - - [" in record.msg)
 
 
-def _dumps(value: Any, newline: bool = False) -> bytes:
-    """``value`` as one line of JSON (UTF-8), whatever it holds; never raises."""
-    try:
-        line = orjson.dumps(value, default=repr, option=orjson.OPT_APPEND_NEWLINE if newline else None)
-    except Exception:  # a lone surrogate, an int over 64 bits, deep nesting, a failing repr...
-        line = _fallback_dumps(value) + (b"\n" if newline else b"")
-    else:
-        line = escape_json_line_breaks(line)
-    return line
-
-
-def _fallback_dumps(value: Any) -> bytes:
-    """The standard library's encoder (ASCII only, any int); values it cannot write become placeholders."""
-    try:
-        return json.dumps(value, default=repr).encode("ascii")
-    except Exception:
-        pass
-    if not isinstance(value, dict):
-        value = {"event": value}
-    safe: dict[str, Any] = {}
-    for key, item in value.items():
-        try:
-            json.dumps(item, default=repr)
-        except Exception:
-            item = f"<unserializable {type(item).__name__}>"
-        safe[key if isinstance(key, str) else f"<key {type(key).__name__}>"] = item
-    return json.dumps(safe, default=repr).encode("ascii")
-
-
 def _json_bytes(event_dict: Any, **_kwargs: Any) -> bytes:
-    return _dumps(event_dict)
+    return dumps(event_dict)
 
 
 def _json_text(event_dict: Any, **_kwargs: Any) -> str:
-    return _dumps(event_dict).decode("utf-8")
+    return dumps(event_dict).decode("utf-8")
 
 
 def _shared_processors(settings: Settings) -> list[Processor]:
     processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+        merge_bound_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
         _service_name_adder(settings.service_name),
@@ -384,8 +371,11 @@ def configure_logging(settings: Settings) -> None:
         else structlog.processors.format_exc_info,
         _redacting_exceptions(Redactor(settings.redact_keys)),
     ]
+    processors: list[Processor] = [*shared, *exceptions, native_renderer]
+    if writer is not None and settings.log_format == "json":
+        processors = [_DeferOrRender(DeferredLines(settings.service_name, Redactor(settings.redact_keys)), processors)]
     structlog.configure(
-        processors=[*shared, *exceptions, native_renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=native_factory,
         cache_logger_on_first_use=True,
@@ -516,30 +506,6 @@ def reset_logging() -> None:
 
 
 _new_tuple = tuple.__new__
-_SECOND_PREFIXES: dict[int, str] = {}
-"""The text of the current second (``2026-11-24T10:00:00.``): one entry, replaced when the second changes."""
-
-
-def _utc_timestamp() -> str:
-    """Now as ISO-8601 UTC with microseconds, like structlog's TimeStamper, at a fraction of its cost."""
-    return _utc_now()[0]
-
-
-def _utc_now() -> tuple[str, int]:
-    """Now as :func:`_utc_timestamp` writes it, and as the nanoseconds since the epoch that text says."""
-    return _utc_text(time.time_ns())
-
-
-def _utc_text(epoch_ns: int) -> tuple[str, int]:
-    """``epoch_ns`` as :func:`_utc_timestamp` writes it, and as the nanoseconds since the epoch that text says."""
-    micros = epoch_ns // 1000
-    second, fraction = divmod(micros, 1_000_000)
-    prefix = _SECOND_PREFIXES.get(second)
-    if prefix is None:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        _SECOND_PREFIXES.clear()
-        _SECOND_PREFIXES[second] = prefix
-    return f"{prefix}{fraction:06d}Z", micros * 1000
 
 
 class AccessLog:
@@ -557,7 +523,7 @@ class AccessLog:
         self._service_name = settings.service_name
         self._redactor = Redactor(settings.redact_keys)
         self._fallback = get_logger("spyglass.access") if _writer is None else None
-        self._service_json = _json_string(settings.service_name)
+        self._service_json = json_string(settings.service_name)
         self._json_cache: dict[str, str] = {}
 
     def http_request(
@@ -581,12 +547,16 @@ class AccessLog:
             logger = self._fallback or get_logger("spyglass.access")
             (logger.error if error else logger.info)("request", **fields)
             return
-        bound = structlog.contextvars.get_contextvars()
-        if bound:
-            writer.write(self._line_with_context(bound, method, route, path, status, seconds, trace_id, span_id, error))
+        # The writer renders the line later, with the rest of its batch.
+        if not anything_bound():  # the common case: a line from a template
+            writer.write_later((self._render, method, route, path, status, seconds, trace_id, span_id, time.time_ns()))
             return
-        # The common case: the writer renders the line later, with the rest of its batch.
-        writer.write_later((self._render, method, route, path, status, seconds, trace_id, span_id, time.time_ns()))
+        bound = current_bound()
+        if not frozen_in_place(bound):  # an object bound to the context: its text now, not when the batch is written
+            writer.write(self._line_with_context(bound, method, route, path, status, seconds, trace_id, span_id))
+            return
+        values = (method, route, path, status, seconds, trace_id, span_id, time.time_ns())
+        writer.write_later((self._render_with_context, bound, values))
 
     def _render(self, line: UnrenderedLine) -> bytes:
         """An access line from its values (see :meth:`http_request`), rendered from a template.
@@ -596,11 +566,11 @@ class AccessLog:
         """
         _, method, route, path, status, seconds, trace_id, span_id, now_ns = line
         ids = f',"trace_id":"{trace_id}","span_id":"{span_id}"' if trace_id else ""
-        plain_path = not _NEEDS_ESCAPE(path)
-        path_json = '"' + path + '"' if plain_path else _json_string(path)
+        plain_path = not needs_escape(path)
+        path_json = '"' + path + '"' if plain_path else json_string(path)
         level = "error" if status >= 500 else "info"
         duration = f"{seconds:.6f}"
-        timestamp, timestamp_ns = _utc_text(now_ns)
+        timestamp, timestamp_ns = utc_text(now_ns)
         text = (
             f'{{"event":"request","level":"{level}","logger":"spyglass.access",'
             f'"http.request.method":{self._json(method)},"http.route":{self._json(route)},'
@@ -621,10 +591,15 @@ class AccessLog:
     def _json(self, value: str) -> str:
         encoded = self._json_cache.get(value)
         if encoded is None:
-            encoded = _json_string(value)
+            encoded = json_string(value)
             if len(self._json_cache) < 4096:
                 self._json_cache[value] = encoded
         return encoded
+
+    def _render_with_context(self, line: UnrenderedLine) -> bytes:
+        """An access line with the structlog keys that were bound when it was queued."""
+        _, bound, values = line
+        return self._line_with_context(bound, *values)
 
     def _line_with_context(
         self,
@@ -636,35 +611,25 @@ class AccessLog:
         seconds: float,
         trace_id: str,
         span_id: str,
-        error: bool,
+        epoch_ns: int | None = None,
     ) -> bytes:
         record: dict[str, Any] = {
             **self._redactor.redact_mapping(bound),
             "event": "request",
-            "level": "error" if error else "info",
+            "level": "error" if status >= 500 else "info",
             "logger": "spyglass.access",
             "http.request.method": method,
             "http.route": route,
             "url.path": path,
             "http.response.status_code": status,
             "http.server.request.duration": round(seconds, 6),
-            "timestamp": _utc_timestamp(),
+            "timestamp": utc_timestamp() if epoch_ns is None else utc_text(epoch_ns)[0],
             "service.name": self._service_name,
         }
         if trace_id:
             record["trace_id"] = trace_id
             record["span_id"] = span_id
-        return _dumps(record, newline=True)
-
-
-def _json_string(value: str) -> str:
-    """``value`` as a JSON string literal (lone surrogates and line-breaking characters escaped)."""
-    return _dumps(value).decode("utf-8")
-
-
-# Characters JSON must escape inside a string (lone surrogates cannot be encoded as they are),
-# and those spyglass escapes so that no reader takes them for a line break.
-_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x80-\x9f\u2028\u2029\ud800-\udfff]').search
+        return dumps(record, newline=True)
 
 
 def get_logger(name: str = "app", **initial_values: Any) -> Any:

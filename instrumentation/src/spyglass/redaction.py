@@ -138,6 +138,20 @@ class Redactor:
                 changed[key] = replacement
         return data if changed is None else changed
 
+    def redact_event(self, event: dict) -> dict:
+        """A log line's fields with secret values replaced, by key and in the free text of its ``event`` message.
+
+        The message is replaced in ``event`` itself (or in the copy :meth:`redact_mapping` made):
+        it must be a dict the caller owns, as a log processor chain's is.
+        """
+        event = self.redact_mapping(event)
+        message = event.get("event")
+        if type(message) is str:
+            redacted = self.redact_text(message)
+            if redacted is not message:
+                event["event"] = redacted
+        return event
+
     def _redact_sequence(self, items: list | tuple) -> list | tuple:
         redacted = [self.redact_mapping(item) if isinstance(item, dict) else item for item in items]
         if all(new is old for new, old in zip(redacted, items, strict=True)):
