@@ -63,6 +63,13 @@ class Box:
         return f"Box({self.content})"
 
 
+def tracer() -> trace.Tracer:
+    """A tracer of this set-up's provider (the global one is the first test's, shut down since)."""
+    telemetry = runtime.current()
+    assert telemetry is not None and telemetry.tracer_provider is not None
+    return telemetry.tracer_provider.get_tracer("test")
+
+
 def spyglass_handler() -> logging.Handler:
     return next(handler for handler in logging.getLogger().handlers if handler.get_name() == "spyglass")
 
@@ -78,7 +85,7 @@ def test_a_line_rendered_later_shows_what_was_true_when_it_was_logged(pipeline, 
     order = {"id": 3, "state": "paid"}
     before = datetime.datetime.now(datetime.UTC)
     structlog.contextvars.bind_contextvars(task_id="t-1", task_name="tasks.charge")
-    with trace.get_tracer("test").start_as_current_span("run tasks.charge") as span:
+    with tracer().start_as_current_span("run tasks.charge") as span:
         logging.getLogger("celery.app.trace").info(
             "Task %(name)s[%(id)s] succeeded in %(runtime)ss", context, extra={"data": context}
         )
@@ -188,7 +195,7 @@ def test_a_deferred_line_is_the_line_the_chain_writes_at_once(pipeline) -> None:
         ("debug", {"event": "own ids", "trace_id": "given", "task_id": "mine"}),
     ]
     structlog.contextvars.bind_contextvars(task_id="t-1", task_name="tasks.ok")
-    with trace.get_tracer("test").start_as_current_span("run tasks.ok"):
+    with tracer().start_as_current_span("run tasks.ok"):
         for method, event in events:
             expected = json.loads(_run_chain(native._chain, method, dict(event)))
             (line,), _ = native(None, method, dict(event))

@@ -42,6 +42,7 @@ REDACTOR = Redactor(DEFAULT_REDACT_KEYS)
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization: [REDACTED]"),
         ("Authorization: Bearer abc.def-ghi", "Authorization: [REDACTED]"),
         ("retried with Bearer abc.def-ghi== then gave up", "retried with Bearer [REDACTED] then gave up"),
+        ("sent BEARER abc.def-ghi to the api", "sent BEARER [REDACTED] to the api"),  # no separator in the text
         ("X-Api-Key: key-123", "X-Api-Key: [REDACTED]"),
         ("Cookie: session=abc; theme=dark", "Cookie: [REDACTED]; theme=dark"),
         (

@@ -16,7 +16,7 @@ Text with neither shape is returned unchanged (and a text naming no secret word 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 __all__ = ["REDACTED", "Redactor", "escape_control_characters", "escape_json_line_breaks"]
@@ -82,6 +82,22 @@ def _escape_one(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
+def _any_of(words: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a text contains one of ``words``: one substring search per word.
+
+    Half the instructions of one pattern of alternatives (which tries every word at every
+    position) on a message of a hundred characters.
+    """
+
+    def contains_one(text: str) -> bool:
+        for word in words:  # noqa: SIM110 - cheaper than any() over a generator
+            if word in text:
+                return True
+        return False
+
+    return contains_one
+
+
 class Redactor:
     """Decides which keys hold secrets and replaces their values.
 
@@ -97,7 +113,7 @@ class Redactor:
         # and only in full when it mentions a secret word or a bearer token at all.
         hints = (*self._words, "bearer")
         hints = tuple(word for word in hints if not any(other != word and other in word for other in hints))
-        self._text_hint = re.compile("|".join(map(re.escape, hints))).search if self._words else None
+        self._text_hint = _any_of(hints) if self._words else None
         self._secret_text = _secret_text_pattern(self._words)
         self._secret_text_any_case = _secret_text_pattern(self._words, re.IGNORECASE)
 
@@ -178,7 +194,12 @@ class Redactor:
         if hint is None:
             return text
         lowered = text.lower()
-        if not hint(lowered):
+        if "=" not in text and ":" not in text:
+            # A secret pair has a separator: without one, only a bearer token can be there (two
+            # byte searches instead of the hint's pattern, most of a short message's cost).
+            if "bearer" not in lowered:
+                return text
+        elif not hint(lowered):
             return text
         if len(lowered) == len(text):  # lowercasing kept every character in place: search that
             matches = self._secret_text.finditer(lowered)
