@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -210,3 +211,25 @@ def _run_chain(chain: list[Any], method: str, event: dict[str, Any]) -> bytes:
     for processor in chain:
         event = processor(None, method, event)
     return event  # type: ignore[return-value]
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_rendered_lines_waiting_for_export_hold_their_own_size_in_memory(pipeline) -> None:
+    """Lines wait in the writer and in the log export's queue (thousands of them while a collector
+    is down); each must cost about its length, not the buffer the JSON encoder wrote it in (about
+    4 KiB, which made a worker's memory settle 25 MB higher).
+    """
+    pipeline()
+    (native,) = structlog.get_config()["processors"]
+    lines = []
+    before = _resident_mb()
+    for number in range(20_000):
+        (line,), _ = native(None, "info", {"logger": "shop", "event": "item looked up", "item_id": number})
+        lines.append(line[0](line))
+    grown = _resident_mb() - before
+    size = sum(map(len, lines)) / 2**20
+    assert grown < size + 10, f"{len(lines)} lines of {size:.1f} MB in all took {grown:.1f} MB"

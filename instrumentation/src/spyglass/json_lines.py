@@ -22,17 +22,23 @@ __all__ = ["dumps", "json_string", "needs_escape", "utc_text", "utc_timestamp"]
 def dumps(value: Any, newline: bool = False) -> bytes:
     """``value`` as one line of JSON (UTF-8), whatever it holds; never raises.
 
+    With ``newline`` the line ends in one and is a bytes object of its own size, fit to be kept;
+    without, it may hold a larger buffer and is meant to be copied (with its newline) or dropped.
+
     C1 controls, U+2028 and U+2029 are escaped (see :func:`spyglass.redaction.escape_json_line_breaks`);
     a value orjson cannot write (a lone surrogate, an int over 64 bits, deep nesting, a failing
     ``repr``) is written by the standard library's encoder, or as a placeholder.
     """
     try:
-        line = orjson.dumps(value, default=repr, option=orjson.OPT_APPEND_NEWLINE if newline else None)
+        line = orjson.dumps(value, default=repr)
     except Exception:
-        line = _fallback_dumps(value) + (b"\n" if newline else b"")
+        line = _fallback_dumps(value)
     else:
         line = escape_json_line_breaks(line)
-    return line
+    # A copy in any case when the newline is added: the bytes orjson returns keep the whole
+    # buffer it wrote them in (about 4 KiB, whatever their length), which lines waiting for
+    # the writer or the log export would hold by the thousand.
+    return line + b"\n" if newline else line
 
 
 def _fallback_dumps(value: Any) -> bytes:
