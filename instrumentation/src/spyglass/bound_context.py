@@ -18,20 +18,10 @@ from typing import Any
 
 import structlog
 
-__all__ = ["anything_bound", "current_bound", "merge_bound_context"]
+__all__ = ["current_bound", "merge_bound_context"]
 
 _PREFIX_LENGTH = len("structlog_")
 _REGISTRY: dict[str, contextvars.ContextVar[Any]] | None = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
-
-
-def anything_bound() -> bool:
-    """Whether any key is bound in the current context."""
-    if _REGISTRY is None:
-        return bool(structlog.contextvars.get_contextvars())
-    for variable in tuple(_REGISTRY.values()):  # noqa: SIM110 - cheaper than any() over a generator
-        if variable.get(Ellipsis) is not Ellipsis:
-            return True
-    return False
 
 
 def current_bound() -> dict[str, Any]:

@@ -85,7 +85,7 @@ class DeferredLines:
     def capture(self, event: dict[str, Any], level: str, epoch_ns: int) -> UnrenderedLine | None:
         """The line of ``event``, logged at ``epoch_ns``, ready for ``write_later``; ``None`` if it must render now.
 
-        ``event`` is handed over: the caller must not use it afterwards. Its dict, list and tuple
+        ``event`` is handed over: the caller must not use it afterwards. Its dict and list
         values are replaced by copies.
         """
         if not frozen_in_place(event):

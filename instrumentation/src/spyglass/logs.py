@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from spyglass.bound_context import anything_bound, current_bound, merge_bound_context
+from spyglass.bound_context import current_bound, merge_bound_context
 from spyglass.config import Settings
 from spyglass.context_access import current_span
 from spyglass.deferred_lines import DeferredLines, frozen_in_place
@@ -548,14 +548,15 @@ class AccessLog:
             (logger.error if error else logger.info)("request", **fields)
             return
         # The writer renders the line later, with the rest of its batch.
-        if not anything_bound():  # the common case: a line from a template
-            writer.write_later((self._render, method, route, path, status, seconds, trace_id, span_id, time.time_ns()))
-            return
+        now_ns = time.time_ns()
         bound = current_bound()
-        if not frozen_in_place(bound):  # an object bound to the context: its text now, not when the batch is written
-            writer.write(self._line_with_context(bound, method, route, path, status, seconds, trace_id, span_id))
+        if not bound:  # the common case: a line from a template
+            writer.write_later((self._render, method, route, path, status, seconds, trace_id, span_id, now_ns))
             return
-        values = (method, route, path, status, seconds, trace_id, span_id, time.time_ns())
+        values = (method, route, path, status, seconds, trace_id, span_id, now_ns)
+        if not frozen_in_place(bound):  # an object bound to the context: its text now, not when the batch is written
+            writer.write(self._line_with_context(bound, *values))
+            return
         writer.write_later((self._render_with_context, bound, values))
 
     def _render(self, line: UnrenderedLine) -> bytes:
@@ -611,7 +612,7 @@ class AccessLog:
         seconds: float,
         trace_id: str,
         span_id: str,
-        epoch_ns: int | None = None,
+        epoch_ns: int,
     ) -> bytes:
         record: dict[str, Any] = {
             **self._redactor.redact_mapping(bound),
@@ -623,7 +624,7 @@ class AccessLog:
             "url.path": path,
             "http.response.status_code": status,
             "http.server.request.duration": round(seconds, 6),
-            "timestamp": utc_timestamp() if epoch_ns is None else utc_text(epoch_ns)[0],
+            "timestamp": utc_text(epoch_ns)[0],
             "service.name": self._service_name,
         }
         if trace_id:
