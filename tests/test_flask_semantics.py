@@ -161,6 +161,24 @@ def test_streamed_body_ends_the_span_when_fully_sent_without_leaking_context(ins
     assert span["name"] == "GET /stream"
 
 
+def test_the_response_left_by_the_last_after_request_function_decides_when_the_request_ends(instrumented) -> None:
+    """An ``after_request`` function added after instrumenting may swap in a streamed body: the span ends once read."""
+    app, traces = instrumented()
+
+    @app.after_request
+    def stream_it(response: flask.Response) -> flask.Response:
+        body = response.get_data()
+        return flask.Response(iter([body[:1], body[1:]]), status=response.status, mimetype=response.mimetype)
+
+    response = app.test_client().get("/orders/3", buffered=False)
+    assert finished_spans(traces) == []
+    assert json.loads(b"".join(response.response)) == {"id": 3}
+    response.close()
+    (span,) = finished_spans(traces)
+    assert span["name"] == "GET /orders/<int:order_id>"
+    assert count("GET", "/orders/<int:order_id>", "200") == 1
+
+
 def test_excluded_paths_get_no_span_metric_or_header(instrumented) -> None:
     """Paths matching SPYGLASS_EXCLUDED_URLS pass through untouched."""
     app, traces = instrumented(SPYGLASS_EXCLUDED_URLS="^/healthz$")

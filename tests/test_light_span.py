@@ -6,7 +6,8 @@ spyglass records the SERVER span of a request in its own light object (see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import flask
@@ -15,15 +16,19 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from prometheus_client import CollectorRegistry
 
 import spyglass
-from spyglass import runtime
+from spyglass import runtime, tracing
 from spyglass.config import load_settings
 from spyglass.light_span import LightSpanStarter
+from spyglass.metrics.instruments import SpanPipelineMetrics
+from spyglass.tracing import SpanBatchProcessor
 
 View = Callable[[], object]
 
@@ -291,3 +296,85 @@ def test_a_child_started_under_a_current_span_joins_its_trace() -> None:
         otel_context.detach(token)
     assert child.get_span_context().trace_id == 0xABC
     assert child.parent is not None and child.parent.span_id == 0x123
+
+
+class GatedExporter(SpanExporter):
+    """Holds every export until the test opens the gate, then keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.exporting = threading.Event()
+        self.gate = threading.Event()
+        self.exported: list[ReadableSpan] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exporting.set()
+        self.gate.wait(10)
+        self.exported.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+class EndingProcessor(SpanProcessor):
+    """A processor using the SDK's ``_on_ending`` hook: notes what it sees, and when."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, bool]] = []
+
+    def _on_ending(self, span: trace.Span) -> None:
+        self.events.append(("ending", span.name, span.end_time is not None))  # type: ignore[attr-defined]
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.events.append(("end", span.name, span.end_time is not None))
+
+
+def test_a_processor_with_an_on_ending_hook_hears_of_the_span_before_its_on_end(serve) -> None:
+    """As with SDK spans: ``_on_ending`` of every processor first (the span has its end time), then ``on_end``."""
+    processor = EndingProcessor()
+    serve(lambda: "ok", processors=(processor,))
+    assert processor.events == [("ending", "GET /", True), ("end", "GET /", True)]
+
+
+def test_the_batch_processor_queues_sampled_spans_only_and_drops_the_oldest_when_full() -> None:
+    """Spyglass's batch processor exports sampled spans, not recorded-only ones; as the SDK's, a full
+    queue drops its oldest span, counted as ``queue_full`` in otel_sdk_processor_span_processed_total.
+    """
+    registry = CollectorRegistry()
+    exporter = GatedExporter()
+    processor = SpanBatchProcessor(exporter, max_queue_size=4, max_export_batch_size=4, schedule_delay_millis=60_000)
+    tracing._count_drops(processor, SpanPipelineMetrics(registry))
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    starter = LightSpanStarter(provider, "test", "1")
+    record_only = LightSpanStarter(TracerProvider(sampler=RecordOnly()), "test", "1")
+    record_only.processor = starter.processor  # the same pipeline, a sampler that records without sampling
+
+    def processed(error_type: str) -> float:
+        value = registry.get_sample_value("otel_sdk_processor_span_processed_total", {"error_type": error_type})
+        return value or 0.0
+
+    try:
+        for number in range(4):  # a full batch: the export thread takes it and waits at the gate
+            starter.start(f"first {number}", None, {})[0].end()
+        assert exporter.exporting.wait(10)
+        recorded = record_only.start("recorded only", None, {})[0]
+        assert recorded.is_recording()
+        recorded.end()
+        for number in range(6):  # the queue holds 4: the two oldest are dropped
+            starter.start(f"span {number}", None, {})[0].end()
+        assert processed("queue_full") == 2
+        exporter.gate.set()
+        assert processor.force_flush()
+        names = [span.name for span in exporter.exported]
+        assert names == [f"first {number}" for number in range(4)] + [f"span {number}" for number in range(2, 6)]
+    finally:
+        exporter.gate.set()
+        provider.shutdown()
+
+
+class RecordOnly(Sampler):
+    """Records every span without sampling it (the SDK's RECORD_ONLY decision)."""
+
+    def should_sample(self, *args: object, **kwargs: object) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_ONLY)
+
+    def get_description(self) -> str:
+        return "RecordOnly"

@@ -95,8 +95,8 @@ class _RequestState(query_tally.QueryTally):
         self.tally_token = None
 
 
-def _capture_response(response: flask.Response) -> flask.Response:
-    """``after_request`` hook (runs last): note the matched route and whether the body is complete.
+def _capture_response(response: flask.Response) -> None:
+    """Note the matched route and whether the body is complete, once the response is final.
 
     A body is complete when it is a list, or when Flask converted a werkzeug response (error
     pages of ``abort``/404/405) into a closing iterator over text it already holds.
@@ -108,7 +108,22 @@ def _capture_response(response: flask.Response) -> flask.Response:
         if rule is not None:
             state.route = rule.rule
         state.streamed = not (response.is_sequence or isinstance(response.response, ClosingIterator))
-    return response
+
+
+def _capture_after_processing(app: flask.Flask) -> None:
+    """Make ``app.process_response`` (its ``after_request`` functions) end with :func:`_capture_response`.
+
+    The response is seen after every ``after_request`` function, as a last ``after_request``
+    function would see it, without the coroutine check Flask makes before calling each one.
+    """
+    process_response = app.process_response  # the class's method, or an override of the app's class
+
+    def process_response_then_capture(response: flask.Response) -> flask.Response:
+        response = process_response(response)
+        _capture_response(response)
+        return response
+
+    app.process_response = process_response_then_capture  # type: ignore[method-assign]
 
 
 def _capture_exception(_sender: Any, exception: BaseException, **_extra: Any) -> None:
@@ -354,8 +369,7 @@ def instrument_flask(app: flask.Flask) -> flask.Flask:
             setattr(app, _APP_ATTRIBUTE, False)
             return app
         instrumentation = FlaskInstrumentation(app, app.wsgi_app)
-        # Index 0 of the app-wide after_request list runs last, so it sees the final response.
-        app.after_request_funcs.setdefault(None, []).insert(0, _capture_response)
+        _capture_after_processing(app)
         flask.got_request_exception.connect(_capture_exception, app, weak=False)
         _remove_flask_default_handler(app)
         app.wsgi_app = instrumentation  # type: ignore[method-assign]

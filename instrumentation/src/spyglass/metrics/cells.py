@@ -90,26 +90,26 @@ class MmapCell:
 
     def inc(self, amount: float) -> None:
         """Add ``amount``."""
-        self._write(amount, True)
-
-    def set(self, value: float) -> None:
-        """Set the value to ``value``."""
-        self._write(float(value), False)
-
-    def _write(self, value: float, add: bool) -> None:
         if self._generation != _generation and not self._bind_after_fork():
             store.dropped()
             return
-        _lock.acquire()
+        _lock.acquire()  # (the hot path: the write is not a call of its own)
         try:
             position = self._position
             mapped = self._file._m
-            if add:
-                value += _UNPACK_VALUE(mapped, position)[0]
             # A slice assignment, as prometheus_client writes: a reader never sees a half-written value.
-            mapped[position : position + 16] = _PACK_VALUE(value, 0.0)
+            mapped[position : position + 16] = _PACK_VALUE(amount + _UNPACK_VALUE(mapped, position)[0], 0.0)
         finally:
             _lock.release()
+
+    def set(self, value: float) -> None:
+        """Set the value to ``value``."""
+        if self._generation != _generation and not self._bind_after_fork():
+            store.dropped()
+            return
+        with _lock:
+            position = self._position
+            self._file._m[position : position + 16] = _PACK_VALUE(float(value), 0.0)
 
     def _bind_after_fork(self) -> bool:
         """Move to this process's own file; False (reported, outside the lock) when it cannot be opened."""
