@@ -278,7 +278,11 @@ class LightSpan(trace.Span, ReadableSpan):
         self._end_time = end_time
         if type(self._attributes) is not dict:  # bounded: the SDK freezes them the same way
             self._attributes._immutable = True  # type: ignore[attr-defined]
-        for call in self._starter.ending_calls():
+        starter = self._starter
+        processors = getattr(starter.processor, "_span_processors", starter._whole)
+        if processors is not starter._processors_seen:  # a processor was added while the span ran
+            starter._see(processors)
+        for call in starter._ending:
             call(self)
 
     def __exit__(
@@ -517,13 +521,6 @@ class LightSpanStarter:
         for processor in self._starting:
             processor.on_start(span, parent_context=parent_context)
         return span, trace_id, span_id, sampled
-
-    def ending_calls(self) -> tuple[Callable[[LightSpan], None], ...]:
-        """What ending a span calls, for the provider's processors as they are now."""
-        processors = getattr(self.processor, "_span_processors", self._whole)
-        if processors is not self._processors_seen:  # a processor was added while the span ran
-            self._see(processors)
-        return self._ending
 
     def _see(self, processors: tuple[SpanProcessor, ...]) -> None:
         self._starting = _starting_processors(processors)

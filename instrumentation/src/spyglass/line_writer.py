@@ -103,7 +103,8 @@ class LineWriter:
             self._pending.append(line)
             self._unrendered += 1
             batch = self._take() if self._unrendered >= _MAX_UNRENDERED else None
-        self._queued(batch)
+        if batch is not None or self._thread is None:  # (the common case, once per request: no call)
+            self._queued(batch)
 
     def _queued(self, batch: list[bytes | UnrenderedLine] | None) -> None:
         """After a line was queued: write the batch it completed, if any, else see that the background thread runs."""

@@ -95,32 +95,25 @@ class _RequestState(query_tally.QueryTally):
         self.tally_token = None
 
 
-def _capture_response(response: flask.Response) -> None:
-    """Note the matched route and whether the body is complete, once the response is final.
-
-    A body is complete when it is a list, or when Flask converted a werkzeug response (error
-    pages of ``abort``/404/405) into a closing iterator over text it already holds.
-    """
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not three
-    state = request.environ.get(STATE_KEY)
-    if state is not None:
-        rule = request.url_rule
-        if rule is not None:
-            state.route = rule.rule
-        state.streamed = not (response.is_sequence or isinstance(response.response, ClosingIterator))
-
-
 def _capture_after_processing(app: flask.Flask) -> None:
-    """Make ``app.process_response`` (its ``after_request`` functions) end with :func:`_capture_response`.
+    """Make ``app.process_response`` end by noting the matched route and whether the body is complete.
 
     The response is seen after every ``after_request`` function, as a last ``after_request``
-    function would see it, without the coroutine check Flask makes before calling each one.
+    function would see it, without the coroutine check Flask makes before calling each one. A
+    body is complete when it is a list, or when Flask converted a werkzeug response (error pages
+    of ``abort``/404/405) into a closing iterator over text it already holds.
     """
     process_response = app.process_response  # the class's method, or an override of the app's class
 
     def process_response_then_capture(response: flask.Response) -> flask.Response:
         response = process_response(response)
-        _capture_response(response)
+        request = flask.request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not three
+        state = request.environ.get(STATE_KEY)
+        if state is not None:
+            rule = request.url_rule
+            if rule is not None:
+                state.route = rule.rule
+            state.streamed = not (response.is_sequence or isinstance(response.response, ClosingIterator))
         return response
 
     app.process_response = process_response_then_capture  # type: ignore[method-assign]
