@@ -46,16 +46,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_STACKTRACE,
     EXCEPTION_TYPE,
 )
-from opentelemetry.trace import (
-    INVALID_SPAN,
-    Link,
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-)
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from opentelemetry.util import types
 
@@ -69,6 +60,7 @@ __all__ = ["LightSpan", "LightSpanStarter"]
 _logger = logging.getLogger("spyglass.traces")
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
+_INVALID_SPAN = trace.INVALID_SPAN
 _EXCEPTION_ESCAPED = "exception.escaped"
 _PLAIN_ITEM_TYPES = frozenset((str, bool, int, float))
 _DEFAULT_REDACTOR = Redactor(DEFAULT_REDACT_KEYS)
@@ -474,7 +466,7 @@ class LightSpanStarter:
         """
         start_time = time_ns()
         parent_span = span_of(parent_context if parent_context is not None else self._current_context())
-        parent: SpanContext | None = None if parent_span is INVALID_SPAN else parent_span.get_span_context()
+        parent: SpanContext | None = None if parent_span is _INVALID_SPAN else parent_span.get_span_context()
         ids = self._ids
         bits = self._random_bits
         if parent is None or not parent.is_valid:
